@@ -11,10 +11,86 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 # --- score -------------------------------------------------------------------
+def _err(console, msg: str, code: int = 2):
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _device(name: str):
+    from .checkpoint import default_device
+
+    if name == "auto":
+        return default_device()
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but CUDA is not available")
+    return name
+
+
 @app.command()
-def score() -> None:
+def score(
+    paths: Annotated[list[str], typer.Argument(help="Audio files, directories (walked recursively, sorted), "
+                                                    "'-' for paths on stdin, or @list.txt.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output file; '-' writes the data to stdout.")] = "-",
+    fmt: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
+    model: Annotated[Optional[str], typer.Option(help="Model folder, released model name or hf:owner/repo. "
+                                                      "Default: the bundled default model.",
+                                                 envvar="UTMOS_MODEL")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Most windows per batch (scores do not depend on it).")] = 8,
+    window: Annotated[float, typer.Option(min=1.0, help="Longest window in seconds; longer files are cut "
+                                                        "into equal windows and all frame scores averaged.")] = 20.0,
+    channel: Annotated[Optional[int], typer.Option(min=0, help="Score this channel (0-based) instead of the "
+                                                               "mean of all channels.")] = None,
+    recursive: Annotated[bool, typer.Option(help="Walk directories recursively.")] = True,
+    resume: Annotated[bool, typer.Option(help="Keep the rows already in --out and score only the rest.")] = False,
+    strict: Annotated[bool, typer.Option(help="Exit 1 if any file could not be scored.")] = False,
+    fail_under: Annotated[Optional[float], typer.Option(help="Exit 1 if the mean MOS is below this.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+) -> None:
     """Predict the MOS of audio files at their native sampling rates."""
-    raise typer.Exit(2)
+    import sys
+
+    from rich.console import Console
+
+    from .checkpoint import ModelLoadError, load_model
+    from .output import OutputError, write_scores
+
+    console = Console(stderr=True)
+    if fmt not in ("csv", "jsonl"):
+        raise _err(console, f"--format must be csv or jsonl, not {fmt!r}")
+    try:
+        net = load_model(model, _device(device))
+    except (ModelLoadError, ValueError, RuntimeError) as e:
+        raise _err(console, str(e)) from None
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(unit="file", file=sys.stderr, dynamic_ncols=True)
+    try:
+        summary = write_scores(net, paths, out, fmt, resume=resume, recursive=recursive,
+                               progress=None if bar is None else lambda rows: bar.update(len(rows)),
+                               batch_size=batch_size, window_s=window, channel=channel)
+    except OutputError as e:
+        raise _err(console, str(e)) from None
+    except KeyboardInterrupt:
+        raise _err(console, f"interrupted; finished rows are in {out} (continue with --resume)", 130) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if not quiet:
+        skipped = f", {summary['skipped']} already in {out}" if summary["skipped"] else ""
+        console.print(f"{summary['files']} files: {summary['scored']} scored, {summary['errors']} errors"
+                      f"{skipped}; mean MOS {summary['mean_mos']:.3f}", highlight=False)
+        for line in summary["first_errors"]:
+            console.print(f"  [yellow]{line}[/]", highlight=False, soft_wrap=True)
+    if strict and summary["errors"]:
+        raise _err(console, f"--strict: {summary['errors']} file(s) could not be scored", 1)
+    if fail_under is not None and not summary["mean_mos"] >= fail_under:
+        raise _err(console, f"mean MOS {summary['mean_mos']:.3f} is below --fail-under {fail_under}", 1)
 
 
 # --- distill -----------------------------------------------------------------
@@ -33,9 +109,50 @@ def finetune() -> None:
 
 # --- report ------------------------------------------------------------------
 @app.command()
-def report() -> None:
+def report(
+    scores: Annotated[list[Path], typer.Argument(help="Score files from `utmos score` (.csv or .jsonl).")],
+    truth: Annotated[Optional[Path], typer.Option(
+        help="Listening-test labels: CSV path,mos[,system,listener,domain]; repeated paths are averaged.")] = None,
+    system_regex: Annotated[Optional[str], typer.Option(
+        help="Regex searched in each file name; the system is group 1 (or the whole match). "
+             "Default: the parent folder name.")] = None,
+    system_per_file: Annotated[bool, typer.Option(
+        help="One score file per system; the system is the score file's stem.")] = False,
+    html: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML report here.")] = None,
+    json_out: Annotated[Optional[str], typer.Option(
+        "--json", help="Write the report as JSON to this path, or '-' for stdout.")] = None,
+    baseline: Annotated[Optional[Path], typer.Option(
+        help="Score file of an earlier run to compare each system against.")] = None,
+    fail_under: Annotated[Optional[float], typer.Option(
+        help="Exit 1 if any system's mean MOS is below this.")] = None,
+    fail_drop: Annotated[Optional[float], typer.Option(
+        help="Exit 1 if any system's mean drops by more than this versus --baseline.")] = None,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed for the bootstrap.")] = 0,
+) -> None:
     """Summarise score files per system and against listening-test truth."""
-    raise typer.Exit(2)
+    from rich.console import Console
+
+    from .report import ReportError, build_report, print_report, render_html, report_json
+
+    try:
+        rep = build_report(scores, truth, system_regex=system_regex, system_per_file=system_per_file,
+                           baseline=baseline, fail_under=fail_under, fail_drop=fail_drop,
+                           n_boot=n_boot, seed=seed)
+        # With --json -, stdout is for the JSON alone; the tables go to stderr.
+        print_report(rep, Console(stderr=json_out == "-"))
+        if html is not None:
+            render_html(rep, html)
+        if json_out == "-":
+            typer.echo(report_json(rep))
+        elif json_out is not None:
+            Path(json_out).write_text(report_json(rep) + "\n")
+    except (ReportError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if not rep["gate"]["passed"]:
+        typer.echo("FAIL: " + "; ".join(rep["gate"]["failures"]), err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,0 +1,98 @@
+"""Audio I/O and pure DSP helpers. Audio is never resampled for scoring; only training uses `resample`."""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+MIN_RATE = 8000      # below this the SFI layer would have fewer than 5 taps per window
+MAX_RATE = 192000    # above this the taps per window (and memory) grow with no benefit for speech
+SILENCE_PEAK = 1e-5  # -100 dBFS: a file whose peak stays below this is treated as silent
+AUDIO_EXTENSIONS = frozenset(
+    {f".{k.lower()}" for k in sf.available_formats()} | {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus",
+                                                         ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"})
+
+
+class AudioError(Exception):
+    """A file that cannot be scored; the message is the one-line cause."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    path: str
+    sample_rate: int
+    frames: int
+    channels: int
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.sample_rate if self.sample_rate > 0 else 0.0
+
+
+def _cause(e: Exception) -> str:
+    """libsndfile's message without the path it repeats (the row already names the file)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    msg = re.sub(r"^Error opening .*?: ", "", msg)
+    return msg.replace(str(getattr(e, "filename", "") or "\0"), "").strip(" :") or type(e).__name__
+
+
+def probe(path: str) -> AudioInfo:
+    """Header only: rate, length and channels, without reading the samples."""
+    if os.path.isdir(path):
+        raise AudioError("is a directory")
+    try:
+        info = sf.info(path)
+    except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
+        raise AudioError(f"cannot read audio ({_cause(e)})") from None
+    if info.frames <= 0:
+        raise AudioError("empty audio (0 samples)")
+    if not MIN_RATE <= info.samplerate <= MAX_RATE:
+        raise AudioError(f"sampling rate {info.samplerate} Hz outside the supported {MIN_RATE}-{MAX_RATE} Hz")
+    return AudioInfo(path, int(info.samplerate), int(info.frames), int(info.channels))
+
+
+def to_mono(x: np.ndarray, channel: int | None = None) -> np.ndarray:
+    """(T, C) -> (T,): mean of the channels, or the one picked (0-based)."""
+    if channel is None:
+        return x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
+    if not 0 <= channel < x.shape[1]:
+        raise AudioError(f"channel {channel} requested but the file has {x.shape[1]} channel(s)")
+    return x[:, channel]
+
+
+def read_segment(info: AudioInfo, start: int, stop: int, channel: int | None = None) -> np.ndarray:
+    """Samples [start, stop) as float32 mono, read without loading the rest of the file."""
+    try:
+        with sf.SoundFile(info.path) as f:
+            f.seek(start)
+            x = f.read(stop - start, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
+        raise AudioError(f"cannot read audio ({_cause(e)})") from None
+    if x.shape[0] < stop - start:  # header promised more than the file holds
+        raise AudioError(f"truncated audio (header says {info.frames} samples, data ends at {start + x.shape[0]})")
+    return to_mono(x, channel)
+
+
+def band_limit(wave: torch.Tensor, sr: int, cutoff_hz: float) -> torch.Tensor:
+    """Remove content above `cutoff_hz` by a band-limited down/up resampling round trip. (..., T) -> (..., T)."""
+    inner = int(2 * cutoff_hz)
+    if inner >= sr:
+        return wave
+    g = math.gcd(sr, inner)
+    y = AF.resample(AF.resample(wave, sr // g, inner // g), inner // g, sr // g)
+    return y[..., : wave.shape[-1]] if y.shape[-1] >= wave.shape[-1] else torch.nn.functional.pad(
+        y, (0, wave.shape[-1] - y.shape[-1]))
+
+
+def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
+    """Band-limited resampling (torchaudio's windowed sinc). (..., T) -> (..., T')."""
+    if orig_sr == new_sr:
+        return wave
+    g = math.gcd(orig_sr, new_sr)
+    return AF.resample(wave, orig_sr // g, new_sr // g)

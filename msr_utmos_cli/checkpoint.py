@@ -1,0 +1,170 @@
+"""Model files: safetensors weights + a readable JSON config, a registry of released models, hub loading.
+
+A model is a folder holding `model.safetensors` and `config.json`
+({"format": "msr-utmos", "format_version": 1, "config": {...}, "metadata": {...}}).
+Nothing is unpickled when loading, so a checkpoint cannot run code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .model import ModelConfig, MOSModel
+
+FORMAT = "msr-utmos"
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+HUB_PREFIX = "hf:"
+
+
+class ModelLoadError(Exception):
+    """A model could not be found or read; the message names the file and the cause."""
+
+
+def models_dir() -> Path:
+    """Released models: packaged inside the wheel, or the repository's top-level `models/` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "models", here.parent / "models"):
+        if cand.is_dir():
+            return cand
+    return here / "models"
+
+
+def available_models() -> list[str]:
+    root = models_dir()
+    return sorted(p.name for p in root.iterdir() if (p / CONFIG).is_file()) if root.is_dir() else []
+
+
+def default_model_name() -> str | None:
+    """The released model `utmos score` uses when none is given: named in models/DEFAULT."""
+    marker = models_dir() / "DEFAULT"
+    if marker.is_file():
+        name = marker.read_text().strip()
+        return name if name in available_models() else None
+    return None
+
+
+def default_device() -> torch.device:
+    """The one device rule: CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename it into place, so a crash
+    leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model(model: MOSModel, folder: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write `model` as a model folder that `load_model` and `utmos score --model` accept."""
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "msr_utmos_version": __version__,
+           "config": model.cfg.to_dict(), "metadata": metadata or {}}
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp))
+    atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
+    return folder
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / CONFIG
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: missing (a model folder needs {CONFIG} and {WEIGHTS})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable config ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("config"), dict):
+        raise ModelLoadError(f"{path}: not an msr-utmos model config (expected \"format\": \"{FORMAT}\")")
+    if doc.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: format version {doc['format_version']} is newer than this msr-utmos "
+                             f"understands ({FORMAT_VERSION}); upgrade msr-utmos")
+    return doc
+
+
+def resolve(name_or_path: str | os.PathLike | None) -> Path:
+    """A released model name, a model folder, its config/weights file, or `hf:owner/repo[@rev]`."""
+    if name_or_path is None:
+        name = default_model_name()
+        if name is None:
+            raise ModelLoadError("no default model is installed; pass a model folder with --model PATH "
+                                 "(python: load_model(PATH))")
+        return models_dir() / name
+    s = str(name_or_path)
+    if s.startswith(HUB_PREFIX):
+        return download(s[len(HUB_PREFIX):])
+    path = Path(s).expanduser()
+    if path.is_file() and path.name in (WEIGHTS, CONFIG):
+        return path.parent
+    if path.is_dir():
+        return path
+    if s in available_models():
+        return models_dir() / s
+    known = ", ".join(available_models()) or "none installed"
+    raise ModelLoadError(f"{s}: no such model folder or released model (released: {known}; "
+                         f"hub models as {HUB_PREFIX}owner/repo)")
+
+
+def download(repo: str) -> Path:
+    """Fetch a model folder from the Hugging Face hub (needs the `hub` extra and a network)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelLoadError(f"{HUB_PREFIX}{repo}: hub models need `pip install 'msr-utmos[hub]'`; "
+                             "or download the folder yourself and pass its path") from None
+    repo_id, _, revision = repo.partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=[WEIGHTS, CONFIG, "*.md"]))
+    except Exception as e:  # network, auth and missing-repo errors all end the same way for the user
+        raise ModelLoadError(f"{HUB_PREFIX}{repo}: could not download ({type(e).__name__}: {e}); "
+                             "offline, pass a local model folder instead") from None
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / WEIGHTS
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing (a model folder needs {CONFIG} and {WEIGHTS})")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: corrupt or truncated weights ({e})") from None
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> MOSModel:
+    """Load a model in eval mode on `device` (default: CUDA when available)."""
+    folder = resolve(name_or_path)
+    doc = read_config(folder)
+    try:
+        cfg = ModelConfig.from_dict(doc["config"])
+        model = MOSModel(cfg)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{folder / CONFIG}: invalid model config ({e})") from None
+    state = load_state(folder)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = "; ".join(line.strip() for line in first[1:3]) or first[0]
+        raise ModelLoadError(f"{folder / WEIGHTS}: weights do not match the architecture in {CONFIG} "
+                             f"({detail[:300]})") from None
+    model.metadata = doc.get("metadata", {})
+    model.source = str(folder)
+    return model.to(torch.device(device) if device is not None else default_device()).eval()

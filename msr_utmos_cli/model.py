@@ -1,0 +1,225 @@
+"""MSR-UTMOS architecture: a wav2vec2 backbone whose first conv is an SFI layer, plus a UTMOS-style MOS head."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+from torchaudio.models.wav2vec2 import components
+
+from .sfi import SFIConv1d
+
+MOS_MIN, MOS_MAX = 1.0, 5.0
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; saved as JSON beside its weights."""
+
+    # SFI first layer: stands in for a conv of `sfi_kernel` taps and hop `sfi_stride` at `sfi_base_rate`.
+    sfi_channels: int = 512
+    sfi_components: int = 6  # modulated Gaussians per channel; >= kernel/2 lets it fit any teacher conv
+    sfi_design: str = "freq"  # "freq": least squares below Nyquist (no aliasing); "time": sampled impulse response
+    sfi_base_rate: int = 16000
+    sfi_kernel: int = 10
+    sfi_stride: int = 5
+    sfi_freq_points: int = 640
+    sfi_max_phases: int = 128
+    # Later conv layers as (out_channels, kernel, stride), as in wav2vec2.
+    conv_layers: list = field(default_factory=lambda: [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2)
+    extractor_mode: str = "group_norm"  # "group_norm" (base) or "layer_norm" (large)
+    conv_bias: bool = False
+    # Transformer encoder (torchaudio's wav2vec2 components).
+    embed_dim: int = 768
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+    num_layers: int = 12
+    num_heads: int = 12
+    ff_dim: int = 3072
+    layer_norm_first: bool = False
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_drop: float = 0.0  # 0 keeps training runs deterministic across ranks
+    # UTMOS head: BLSTM + projection per frame, mean over valid frames.
+    head_layer: int = -1  # encoder layer that feeds the head (-1: last)
+    lstm_hidden: int = 256
+    head_hidden: int = 2048
+    head_dropout: float = 0.3
+    num_domains: int = 1
+    domain_dim: int = 0  # 0: no domain embedding
+    num_listeners: int = 0
+    listener_dim: int = 0  # 0: no listener embedding; id 0 is the "mean listener" used for prediction
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tiny() -> ModelConfig:
+    """For tests: same frame geometry as base, a few thousand parameters."""
+    return ModelConfig(sfi_channels=32, sfi_components=2, conv_layers=[[32, 3, 2]] * 4 + [[32, 2, 2]] * 2,
+                       embed_dim=32, pos_conv_kernel=16, pos_conv_groups=4, num_layers=2, num_heads=2,
+                       ff_dim=64, lstm_hidden=16, head_hidden=32, dropout=0.0, attention_dropout=0.0,
+                       head_dropout=0.0)
+
+
+def small() -> ModelConfig:
+    """Released default size: ~5M parameters, fast on a laptop CPU."""
+    return ModelConfig(sfi_channels=256, conv_layers=[[256, 3, 2]] * 4 + [[256, 2, 2]] * 2, embed_dim=256,
+                       pos_conv_kernel=64, pos_conv_groups=16, num_layers=4, num_heads=4, ff_dim=1024,
+                       lstm_hidden=128, head_hidden=256)
+
+
+def base() -> ModelConfig:
+    """wav2vec2-base dimensions (the paper's setting)."""
+    return ModelConfig()
+
+
+PRESETS = {"tiny": tiny, "small": small, "base": base}
+
+
+class MaskedGroupNorm(nn.Module):
+    """Per-channel normalisation over valid frames only, so padding never changes a score."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """x (B, C, F), lengths (B,) -> (B, C, F)."""
+        mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)[:, None, :]
+        n = mask.sum(-1, keepdim=True).clamp(min=1)
+        mean = (x * mask).sum(-1, keepdim=True) / n
+        var = ((x - mean) ** 2 * mask).sum(-1, keepdim=True) / n
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return x * self.weight[None, :, None] + self.bias[None, :, None]
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over channels of a (B, C, F) tensor (wav2vec2's "layer_norm" extractor mode)."""
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class MOSHead(nn.Module):
+    """UTMOS22-style strong learner head: frame features -> BLSTM -> MLP -> one score per frame."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.domain = nn.Embedding(cfg.num_domains, cfg.domain_dim) if cfg.domain_dim else None
+        self.listener = nn.Embedding(cfg.num_listeners + 1, cfg.listener_dim) if cfg.listener_dim else None
+        in_dim = cfg.embed_dim + cfg.domain_dim + cfg.listener_dim
+        self.lstm = nn.LSTM(in_dim, cfg.lstm_hidden, batch_first=True, bidirectional=True)
+        self.proj = nn.Sequential(nn.Linear(2 * cfg.lstm_hidden, cfg.head_hidden), nn.ReLU(),
+                                  nn.Dropout(cfg.head_dropout), nn.Linear(cfg.head_hidden, 1))
+        nn.init.constant_(self.proj[-1].bias, 3.0)  # start mid-scale so an untrained head is not clipped
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, domain: torch.Tensor | None = None,
+                listener: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, F, D), lengths (B,) -> per-frame scores (B, F); padded frames are 0."""
+        B, F, _ = x.shape
+        extra = []
+        for emb, ids in ((self.domain, domain), (self.listener, listener)):
+            if emb is not None:
+                ids = torch.zeros(B, dtype=torch.long, device=x.device) if ids is None else ids
+                extra.append(emb(ids)[:, None, :].expand(B, F, -1))
+        x = torch.cat([x, *extra], dim=-1) if extra else x
+        # Packing makes the backward direction start at each item's own last frame.
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=F)
+        frames = self.proj(out).squeeze(-1)  # (B, F, 1) -> (B, F)
+        valid = torch.arange(F, device=x.device)[None, :] < lengths[:, None]
+        return frames * valid
+
+
+class MOSModel(nn.Module):
+    """SFI-wav2vec2 backbone + MOS head. Takes waveforms at any integer sampling rate."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.extractor_mode not in ("group_norm", "layer_norm"):
+            raise ValueError(f"extractor_mode must be 'group_norm' or 'layer_norm', got {cfg.extractor_mode!r}")
+        self.sfi = SFIConv1d(cfg.sfi_channels, cfg.sfi_components, cfg.sfi_base_rate, cfg.sfi_kernel,
+                             cfg.sfi_stride, cfg.sfi_design, cfg.sfi_freq_points, cfg.sfi_max_phases)
+        norm = MaskedGroupNorm if cfg.extractor_mode == "group_norm" else ChannelLayerNorm
+        self.sfi_norm = norm(cfg.sfi_channels)
+        blocks, in_ch = [], cfg.sfi_channels
+        for out_ch, k, s in cfg.conv_layers:
+            ln = nn.LayerNorm(out_ch) if cfg.extractor_mode == "layer_norm" else None
+            blocks.append(components.ConvLayerBlock(in_ch, out_ch, k, s, cfg.conv_bias, ln))
+            in_ch = out_ch
+        self.convs = nn.ModuleList(blocks)
+        self.encoder = components._get_encoder(
+            in_features=in_ch, embed_dim=cfg.embed_dim, dropout_input=cfg.dropout,
+            pos_conv_kernel=cfg.pos_conv_kernel, pos_conv_groups=cfg.pos_conv_groups, num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads, attention_dropout=cfg.attention_dropout, ff_interm_features=cfg.ff_dim,
+            ff_interm_dropout=0.0, dropout=cfg.dropout, layer_norm_first=cfg.layer_norm_first,
+            layer_drop=cfg.layer_drop)
+        self.head = MOSHead(cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sfi.mu_khz.device
+
+    def conv_features(self, wave: torch.Tensor, lengths: torch.Tensor, sr: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """wave (B, T) at rate sr -> CNN features (B, F, C) at 50 frames/s, valid frames (B,)."""
+        x, n = self.sfi(wave, lengths, sr)  # (B, T) -> (B, C, F0) at 3200 frames/s
+        x = nn.functional.gelu(self.sfi_norm(x, n))
+        for block in self.convs:
+            x, n = block(x, n)
+        return x.transpose(1, 2), n
+
+    def extract_features(self, wave: torch.Tensor, lengths: torch.Tensor | None, sr: int,
+                         num_layers: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-layer encoder outputs [(B, F, D)] with padded frames masked out of attention, and (B,) frames."""
+        if lengths is None:
+            lengths = torch.full((wave.shape[0],), wave.shape[-1], device=wave.device)
+        x, n = self.conv_features(wave, lengths, sr)
+        return self.encoder.extract_features(x, n, num_layers), n
+
+    def frame_scores(self, wave: torch.Tensor, lengths: torch.Tensor | None, sr: int,
+                     domain: torch.Tensor | None = None, listener: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """wave (B, T) -> per-frame scores (B, F) (padding = 0) and valid frames (B,)."""
+        layer = self.cfg.head_layer % self.cfg.num_layers
+        feats, n = self.extract_features(wave, lengths, sr, num_layers=layer + 1)
+        return self.head(feats[layer], n, domain, listener), n
+
+    def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None, sr: int,
+                domain: torch.Tensor | None = None, listener: torch.Tensor | None = None) -> torch.Tensor:
+        """wave (B, T) -> unclipped utterance scores (B,): mean of the valid frames' scores."""
+        frames, n = self.frame_scores(wave, lengths, sr, domain, listener)
+        return frames.sum(1) / n.clamp(min=1)
+
+    def score(self, wave, sr: int, window_s: float = 20.0, batch_size: int = 8) -> torch.Tensor:
+        """MOS on the 1-5 scale for one waveform (T,) or a batch (B, T) of equal-length waveforms -> (B,).
+
+        Long inputs are cut into equal windows of at most `window_s` seconds; the score is the mean
+        of all frame scores over the whole input, so it does not depend on where windows fall.
+        """
+        from .scoring import score_waveforms  # one scoring path for the API and the CLI
+
+        wave = torch.as_tensor(wave, dtype=torch.float32)
+        wave = wave[None] if wave.dim() == 1 else wave
+        return torch.tensor(score_waveforms(self, list(wave), sr, window_s=window_s, batch_size=batch_size))
+
+    def config_dict(self) -> dict:
+        return self.cfg.to_dict()
+
+
+def clip_mos(x: torch.Tensor) -> torch.Tensor:
+    """Scores are reported on the 1-5 scale: values outside it are clipped, never rescaled."""
+    return x.clamp(MOS_MIN, MOS_MAX)
