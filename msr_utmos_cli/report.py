@@ -56,6 +56,8 @@ def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
         raise ReportError(f"{path}: row {i + 1}: mos {df['mos'].iloc[i]!r} is not a number")
+    if df.empty:
+        raise ReportError(f"{path}: no rows")
     df["mos"] = mos
     df["path"] = df["path"].astype(str)
     return df
@@ -111,7 +113,7 @@ def assign_systems(df: pd.DataFrame, regex: str | None = None, per_file: bool = 
 
         def pick(name: str) -> str:
             m = pattern.search(name)
-            return (m.group(1) if pattern.groups else m.group(0)) if m else NO_MATCH
+            return ((m.group(1) if pattern.groups else m.group(0)) if m else None) or NO_MATCH
         return names.map(pick), f"--system-regex {regex}"
     if "system" in df and df["system"].notna().any():
         return df["system"].fillna(parents).astype(str), "system column"
@@ -195,7 +197,9 @@ def _gate(systems: list[dict], baseline: list[dict] | None, fail_under, fail_dro
     reasons = []
     if fail_under is not None:
         for s in systems:
-            if not s["mean"] >= fail_under:  # NaN (no scored file) fails too
+            if not s["files"]:
+                reasons.append(f"system {s['system']!r} has no scored files")
+            elif s["mean"] < fail_under:
                 reasons.append(f"system {s['system']!r} mean MOS {s['mean']:.3f} < {fail_under:g}")
     if fail_drop is not None and baseline is not None:
         for b in baseline:
@@ -322,7 +326,9 @@ def _tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     out.append(("Sampling rates", ["Rate (Hz)", "Files", "Mean MOS", "95% CI"],
                 [[str(r["sample_rate"]), str(r["files"]), _f(r["mean"]), _ci(r)] for r in report["sample_rates"]]))
     if report["errors"]["count"]:
-        out.append((f"Files with errors: {report['errors']['count']} (first {N_ERROR_EXAMPLES})", ["Path", "Error"],
+        n = report["errors"]["count"]
+        out.append((f"Files with errors: {n}" + (f" (first {N_ERROR_EXAMPLES})" if n > N_ERROR_EXAMPLES else ""),
+                    ["Path", "Error"],
                     [[e["path"], str(e["error"])] for e in report["errors"]["first"]]))
     if truth:
         m = report["truth"]["metrics"]
@@ -378,8 +384,9 @@ def print_report(report: dict, console) -> None:
     for note in _notes(report):
         console.print(note, highlight=False, markup=False)
     for title, head, rows in _tables(report):
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, title_style="bold",
-                      show_edge=False, pad_edge=False)
+        console.print()
+        console.print(title, style="bold", highlight=False, markup=False)  # a Table title would wrap
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for i, h in enumerate(head):
             text = h in ("System", "Path", "Error", "Level")
             width = max([len(h)] + [len(r[i]) for r in rows]) if not text else None
@@ -433,24 +440,29 @@ def _plots(report: dict) -> list[tuple[str, str]]:
         ax.boxplot([utt.loc[utt[key] == k, "mos"].to_numpy() for k in order][::-1], showmeans=True,
                    **_horizontal())
         ax.set_yticks(range(1, len(order) + 1), [str(k) for k in order][::-1])
-        ax.set(xlabel="predicted MOS")
+        ax.set(xlabel="predicted MOS", ylabel="sample rate (Hz)" if key == "sample_rate" else "")
         ax.grid(axis="x", alpha=0.3)
         plots.append((title, _png(fig)))
     if report["truth"] is not None:
         j = utt.dropna(subset=["true_mos"])
         sysm = j.groupby("system")[["mos", "true_mos"]].mean()
-        for title, d, label in (("Predicted vs true, utterance level", j, False),
-                                ("Predicted vs true, system level", sysm, True)):
+        m = report["truth"]["metrics"]
+        for title, d, label in ((f"Predicted vs true, utterance level (LCC {_f(m['utt_LCC'])}, "
+                                 f"SRCC {_f(m['utt_SRCC'])})", j, False),
+                                (f"Predicted vs true, system level (LCC {_f(m['sys_LCC'])}, "
+                                 f"SRCC {_f(m['sys_SRCC'])})", sysm, True)):
             fig = _figure(12)
             fig.set_size_inches(6, 6)
             ax = fig.add_subplot()
-            ax.scatter(d["true_mos"], d["mos"], s=36 if label else 6, alpha=0.8 if label else 0.3)
+            # Fade points as they multiply so dense regions stay readable.
+            alpha = 0.8 if label else float(np.clip(300 / max(len(d), 1), 0.05, 0.5))
+            ax.scatter(d["true_mos"], d["mos"], s=36 if label else 6, alpha=alpha, linewidths=0)
             lo, hi = 1, 5
             if len(d):
                 lo = min(lo, d[["mos", "true_mos"]].min().min())
                 hi = max(hi, d[["mos", "true_mos"]].max().max())
             ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
-            if label and len(d) <= 40:
+            if label and len(d) <= 12:  # more names overlap; the systems table has them
                 for name, r in d.iterrows():
                     ax.annotate(str(name), (r["true_mos"], r["mos"]), fontsize=8,
                                 xytext=(3, 3), textcoords="offset points")
