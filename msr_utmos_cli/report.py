@@ -455,8 +455,8 @@ def _plots(report: dict) -> list[tuple[str, str]]:
             fig.set_size_inches(6, 6)
             ax = fig.add_subplot()
             # Fade points as they multiply so dense regions stay readable.
-            alpha = 0.8 if label else float(np.clip(300 / max(len(d), 1), 0.05, 0.5))
-            ax.scatter(d["true_mos"], d["mos"], s=36 if label else 6, alpha=alpha, linewidths=0)
+            alpha = 0.8 if label else float(np.clip(1000 / max(len(d), 1), 0.15, 0.5))
+            ax.scatter(d["true_mos"], d["mos"], s=36 if label else 8, alpha=alpha, linewidths=0)
             lo, hi = 1, 5
             if len(d):
                 lo = min(lo, d[["mos", "true_mos"]].min().min())
