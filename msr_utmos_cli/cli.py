@@ -117,7 +117,7 @@ def report(
         help="Regex searched in each file name; the system is group 1 (or the whole match). "
              "Default: the parent folder name.")] = None,
     system_per_file: Annotated[bool, typer.Option(
-        help="One score file per system; the system is the score file's stem.")] = False,
+        "--system-per-file", help="One score file per system; the system is the score file's stem.")] = False,
     html: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML report here.")] = None,
     json_out: Annotated[Optional[str], typer.Option(
         "--json", help="Write the report as JSON to this path, or '-' for stdout.")] = None,
