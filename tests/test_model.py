@@ -1,0 +1,98 @@
+"""Model invariants: padding/batching never changes a score; checkpoints round-trip; the API is one call."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from msr_utmos_cli import ModelLoadError, MOSModel, PRESETS, load_model, save_model
+from msr_utmos_cli.checkpoint import CONFIG, WEIGHTS
+from msr_utmos_cli.scoring import score_waveforms
+
+from conftest import speechlike
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir, "cpu")
+
+
+@pytest.mark.parametrize("sr", [8000, 16000, 24000, 44100])
+def test_batched_equals_one_by_one(model, sr):
+    """A file's score does not depend on batch size, neighbours or order (padding is masked everywhere)."""
+    waves = [speechlike(sr, s, seed=i) for i, s in enumerate([0.4, 1.7, 0.9, 1.2, 0.6])]
+    alone = [score_waveforms(model, [w], sr)[0] for w in waves]
+    batched = score_waveforms(model, waves, sr, batch_size=5)
+    pairs = score_waveforms(model, waves[::-1], sr, batch_size=2)[::-1]
+    np.testing.assert_allclose(batched, alone, atol=1e-4)
+    np.testing.assert_allclose(pairs, alone, atol=1e-4)
+    assert np.std(alone) > 1e-4  # the scores really differ, so the comparison means something
+
+
+def test_raw_forward_padding_invariance(model):
+    """The unclipped head output (no clipping to hide differences) is padding-invariant too."""
+    x = torch.from_numpy(speechlike(22050, 1.0, seed=3))
+    with torch.no_grad():
+        alone = model(x[None], torch.tensor([x.shape[0]]), 22050)
+        padded = model(torch.nn.functional.pad(x, (0, 20000))[None], torch.tensor([x.shape[0]]), 22050)
+    assert torch.allclose(alone, padded, atol=1e-5)
+
+
+def test_score_api_shapes_and_range(model):
+    one = model.score(speechlike(16000, 1.0), 16000)
+    two = model.score(np.stack([speechlike(48000, 1.0, 1), speechlike(48000, 1.0, 2)]), 48000)
+    assert one.shape == (1,) and two.shape == (2,)
+    assert torch.all((two >= 1) & (two <= 5))
+    with pytest.raises(ValueError, match="too short"):
+        model.score(np.zeros(10, np.float32), 16000)
+
+
+def test_long_input_is_windowed_with_bounded_windows(model):
+    """A 50 s input with 20 s windows is scored as 3 windows; the result stays close to one long pass."""
+    x = speechlike(16000, 50.0, seed=5)
+    windowed = model.score(x, 16000, window_s=20.0).item()
+    whole = model.score(x, 16000, window_s=60.0).item()
+    assert abs(windowed - whole) < 0.05
+
+
+def test_extract_features_masks_padding(model):
+    x = torch.from_numpy(speechlike(24000, 1.0))
+    with torch.no_grad():
+        feats, n = model.extract_features(torch.stack([x, torch.zeros_like(x)]), torch.tensor([24000, 12000]), 24000)
+    assert len(feats) == model.cfg.num_layers
+    assert feats[0].shape[:2] == (2, n[0].item()) and n[1] < n[0]
+
+
+def test_checkpoint_roundtrip_is_safetensors_and_json(tmp_path):
+    torch.manual_seed(1)
+    m = MOSModel(PRESETS["tiny"]()).eval()
+    save_model(m, tmp_path / "m", {"trained_on": "test"})
+    assert (tmp_path / "m" / WEIGHTS).read_bytes()[:8] != b"\x80\x02\x8a\nl\xfc\x9c\x46"  # not a pickle
+    doc = json.loads((tmp_path / "m" / CONFIG).read_text())
+    assert doc["format"] == "msr-utmos" and doc["metadata"]["trained_on"] == "test"
+    loaded = load_model(tmp_path / "m", "cpu")
+    assert not loaded.training
+    x = speechlike(44100, 1.0)
+    assert torch.equal(m.score(x, 44100), loaded.score(x, 44100))
+
+
+def test_load_errors_are_one_line(tmp_path, tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="no such model"):
+        load_model(tmp_path / "nope")
+    bad = tmp_path / "wrong_arch"
+    save_model(MOSModel(PRESETS["tiny"]()), bad)
+    cfg = json.loads((bad / CONFIG).read_text())
+    cfg["config"]["embed_dim"] = 48
+    (bad / CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="do not match") as e:
+        load_model(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_no_default_model_message(monkeypatch, tmp_path):
+    import msr_utmos_cli.checkpoint as ck
+    monkeypatch.setattr(ck, "models_dir", lambda: tmp_path)
+    with pytest.raises(ModelLoadError, match="no default model is installed"):
+        load_model(None)
