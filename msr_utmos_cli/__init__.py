@@ -6,8 +6,16 @@
 """
 __version__ = "0.1.0"
 
-from .checkpoint import ModelLoadError, available_models, load_model, save_model  # noqa: E402
-from .model import PRESETS, ModelConfig, MOSModel  # noqa: E402
+_LAZY = {  # imported on first use, so `utmos report` does not pay for importing torch
+    "load_model": "checkpoint", "save_model": "checkpoint", "available_models": "checkpoint",
+    "ModelLoadError": "checkpoint", "ModelConfig": "model", "MOSModel": "model", "PRESETS": "model",
+}
+__all__ = [*_LAZY, "__version__"]
 
-__all__ = ["load_model", "save_model", "available_models", "ModelLoadError", "ModelConfig", "MOSModel",
-           "PRESETS", "__version__"]
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
