@@ -47,7 +47,7 @@ P_CLEAN = 0.25  # probability a variant is left undegraded (at most one clean va
 SPLIT_FRACTIONS = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
 HELD_OUT = {("codec_codec2", 3), ("packet_loss", 3)}  # recipe variants that appear only in test
 P_HELD_OUT = 0.3  # chance a degraded test clip is forced onto a held-out recipe
-MIN_ASTERISK_S = 1.0  # skip single digits/letters
+MIN_ASTERISK_S, MAX_ASTERISK_S = 1.0, 20.0  # skip single digits/letters and the few long menus
 ASTERISK_ROOT = Path("/usr/share/asterisk/sounds")
 ASTERISK_DIRS = ("en", "en_US_f_Allison")  # English only: the other languages are reserved
 ALSA_DIR = Path("/usr/share/sounds/alsa")
@@ -71,8 +71,10 @@ VOICES = {
 
 # Codec ladders: type -> [(severity, codec rate, ffmpeg encoder args, extension, nominal cutoff Hz)].
 CODECS = {
-    "codec_opus": [(s, 48000, ["-c:a", "libopus", "-b:a", b, "-cutoff", str(c)], "opus", c)
-                   for s, b, c in ((1, "32k", 20000), (2, "16k", 8000), (3, "12k", 6000), (4, "6k", 4000))],
+    # opus runs at the rate whose Nyquist is its audio bandwidth (FB/WB/MB/NB), so the band is exact
+    "codec_opus": [(s, r, ["-c:a", "libopus", "-b:a", b, "-cutoff", str(c)], "opus", c)
+                   for s, r, b, c in ((1, 48000, "32k", 20000), (2, 16000, "16k", 8000),
+                                      (3, 12000, "12k", 6000), (4, 8000, "6k", 4000))],
     "codec_mp3": [(s, r, ["-c:a", "libmp3lame", "-b:a", b, "-cutoff", str(c)], "mp3", c)
                   for s, r, b, c in ((1, 32000, "64k", 14000), (2, 22050, "32k", 8000),
                                      (3, 16000, "16k", 5500), (4, 8000, "8k", 3000))],
@@ -203,7 +205,7 @@ def source_utterances(report: dict, use_alsa: bool = True) -> list[Utterance]:
     if ad is not None:
         for p in sorted(ad.rglob("*.wav")):
             rel = p.relative_to(ad).with_suffix("").as_posix()
-            if rel.startswith("silence/") or sf.info(str(p)).duration < MIN_ASTERISK_S:
+            if rel.startswith("silence/") or not MIN_ASTERISK_S <= sf.info(str(p)).duration <= MAX_ASTERISK_S:
                 continue
             utts.append(Utterance(f"asterisk/{rel}", f"asterisk/{rel}", "asterisk", "allison",
                                   sf.info(str(p)).samplerate, "", str(p)))  # no transcripts shipped
@@ -332,7 +334,7 @@ def degrade(x: np.ndarray, sr: int, bw: float, clip: Clip, tmp: Path, babble_aud
             b = np.tile(b, int(np.ceil(x.size / max(b.size, 1))))[: x.size]
             noise += b / (np.sqrt(np.mean(b**2)) + 1e-12)
         y = add_noise(x, noise, BABBLE_SNR_DB[sev])
-        return y, min(bw, 4000.0), f"babble of {'+'.join(clip.babble)} snr={BABBLE_SNR_DB[sev]}dB"
+        return y, bw, f"babble of {'+'.join(clip.babble)} snr={BABBLE_SNR_DB[sev]}dB"
     if kind == "clipping":
         level = CLIP_FRACTION[sev] * np.max(np.abs(x))
         return np.clip(x, -level, level), bw, f"hard clip at {CLIP_FRACTION[sev]} x peak"
@@ -545,7 +547,7 @@ def summarize(rows: list[dict]) -> dict:
 
 EXAMPLES = (  # (file, utterance, degradation, severity, presentation rate)
     ("asterisk_clean_8k.wav", "asterisk/privacy-prompt", "clean", 0, 8000),
-    ("asterisk_amrnb_16k.flac", "asterisk/vm-intro", "codec_amrnb", 4, 16000),
+    ("asterisk_amrnb_16k.flac", "asterisk/conf-onlyperson", "codec_amrnb", 4, 16000),
     ("slt_hts_clean_44k.flac", "festival-slt-hts/x0", "clean", 0, 44100),
     ("espeak_clean_22k.wav", "espeak-us/x1", "clean", 0, 22050),
     ("kal_noise_24k.wav", "festival-kal/x2", "noise_white", 3, 24000),
@@ -557,13 +559,13 @@ EXAMPLE_TEXTS = ("The quiet garden was covered in snow this morning.",
                  "Helen painted the old bridge before noon.",
                  "We counted twelve boats near the harbor wall.",
                  "The pilot checked the engine after the storm.")
-LICENCES = {
-    "asterisk": "CC-BY-SA-3.0, Copyright 2003-2010 Allison Smith (Debian asterisk-core-sounds-en-wav)",
-    "festival-slt-hts": "free licence of CMU (EST-2003/EST-2000, BSD-3-clause parts from Nagoya Institute of "
-                        "Technology) (Debian festvox-us-slt-hts); synthesized with festival (free CSTR licence)",
-    "festival-kal": "free CSTR/OGI/CMU diphone licence (Debian festvox-kallpc16k); synthesized with festival",
-    "espeak": "espeak-ng, GPL-3.0-or-later (Debian espeak-ng); synthetic output of our own text",
-    "flite": "flite, CMU free licence (BSD-like), some parts GPL-2 (Debian flite); synthetic output of our own text",
+LICENCES = {  # from /usr/share/doc/<package>/copyright
+    "asterisk": "CC-BY-SA-3.0, (c) 2003-2010 Allison Smith (asterisk-core-sounds-en-wav)",
+    "festival-slt-hts": "voice: EST-2003 free licence, (c) 2003 Carnegie Mellon University, HTS parts BSD-3-clause "
+                        "(c) Nagoya Institute of Technology (festvox-us-slt-hts); festival: free CSTR licence",
+    "festival-kal": "voice: free CSTR/CMU/OGI diphone licence, (c) 1998 (festvox-kallpc16k); festival: free CSTR licence",
+    "espeak": "espeak-ng program and voice data: GPL-3.0-or-later, (c) 2005-2014 Jonathan Duddington and others (espeak-ng)",
+    "flite": "flite program and voices: CMU free licence (MIT-like), (c) 1999-2001 Carnegie Mellon University (flite)",
 }
 
 
@@ -577,7 +579,7 @@ def build_examples(out: Path) -> None:
         for i, (name, uid, kind, sev, rate) in enumerate(EXAMPLES):
             voice, key = uid.split("/", 1)
             if voice == "asterisk":
-                u = Utterance(uid, uid, "asterisk", "allison", 8000, ASTERISK_TEXT[key], str(ad / f"{key}.wav"))
+                u = Utterance(uid, uid, "asterisk", "allison", 8000, f"(Asterisk prompt {key}; no transcript shipped)", str(ad / f"{key}.wav"))
             else:
                 engine, source, _, r = VOICES[voice]
                 u = Utterance(f"{voice}/{key}", uid, source, voice, r, EXAMPLE_TEXTS[int(key[1:])])
@@ -587,7 +589,8 @@ def build_examples(out: Path) -> None:
             clip = Clip(name, u, "example", kind, sev, rate, name.rsplit(".", 1)[1], 1000 + i)
             y, bw, recipe = render(clip, x, sr, tmp, {})
             write_clip(out, name, y, rate)
-            rows.append((name, u, rate, bw, y.size / rate, recipe))
+            synth = f"synth: {shlex.join(u.synth)}; " if u.synth else ""
+            rows.append((name, u, rate, bw, y.size / rate, synth + recipe))
     lines = ["# Example audio", "",
              "Short clips for `utmos score examples/`, regenerated by "
              "`python scripts/build_corpus.py --examples examples/` (needs scripts/install_corpus_tools.sh).",
@@ -597,10 +600,12 @@ def build_examples(out: Path) -> None:
              "|---|---|---|---|---|---|---|---|"]
     for name, u, rate, bw, dur, recipe in rows:
         lic = LICENCES[u.source if u.source in LICENCES else u.source.split("-")[0]]
-        proc = recipe.replace("|", "/").replace(" -v error -y -threads 1", "")
+        proc = recipe.replace("|", "/")
         lines.append(f"| {name} | {u.source} ({u.voice}, {u.rate} Hz) | {u.text} | {rate} | {int(bw)} | "
                      f"{dur:.2f} | {proc} | {lic} |")
-    lines += ["", "The .ogg file is Ogg Vorbis written by libsndfile, so it carries Vorbis coding on top of the "
+    lines += ["", "All clips were trimmed of leading/trailing silence and cut to at most 4 s before processing. "
+              "Synthetic speech is the output of the listed Debian synthesizer and voice speaking our own text.",
+              "", "The .ogg file is Ogg Vorbis written by libsndfile, so it carries Vorbis coding on top of the "
               "processing listed.", "The asterisk prompts are CC-BY-SA-3.0: these derived clips are shared "
               "under the same licence, with attribution to Allison Smith.", ""]
     (out / "README.md").write_text("\n".join(lines))
