@@ -1,0 +1,347 @@
+"""Distillation of an SFI student from a frozen 16 kHz teacher: config, multi-rate data, loss, task.
+
+Each batch is presented at one rate drawn from `data.rates`; the student hears the audio at
+that rate and the teacher hears the same audio resampled to 16 kHz, so the SFI layer learns
+to give the teacher's features at every rate.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import audio
+from .checkpoint import save_model
+from .config import ConfigError, load_config
+from .model import PRESETS, ModelConfig, MOSModel
+from .sfi import fit_to_kernel
+from .teachers import SAMPLE_RATE, Teacher, Wav2Vec2Teacher, load_teacher
+from .train import TrainConfig, fit
+
+DEFAULT_RATES = [8000, 16000, 22050, 24000, 32000, 44100, 48000]
+
+
+@dataclass
+class DistillModel:
+    """The `model:` section."""
+
+    teacher: str = "facebook/wav2vec2-base"  # "distillmos", a local HF folder / torchaudio .pt file, or a hub id
+    teacher_kind: str = "auto"  # auto | wav2vec2 | distillmos
+    student: str = "small"  # preset (tiny/small/base) for the head, dropouts and any part not taken from the teacher
+    init_from_teacher: bool = True  # wav2vec2 teachers: copy the backbone's shape and weights, fit the SFI layer
+    student_overrides: dict = field(default_factory=dict)  # ModelConfig fields applied last
+    layers: list[list[int]] | None = None  # [[student, teacher], ...]; 0 = CNN output, i = encoder layer i
+    feature_weight: float = 1.0  # weight of the per-layer L1 term
+    cosine_weight: float = 1.0  # weight of the per-layer (1 - cosine) term
+    mos_weight: float = 1.0  # weight of the MOS term (teachers with a score only)
+    mos_loss: str = "l1"  # l1 | mse
+    sfi_fit_steps: int = 300  # Adam refinement steps when fitting the SFI layer to the teacher's first conv
+
+
+@dataclass
+class DistillData:
+    """The `data:` section: audio at any rates from folders, list files and/or a manifest CSV."""
+
+    dirs: list[str] = field(default_factory=list)  # walked recursively for audio files
+    lists: list[str] = field(default_factory=list)  # text files, one audio path per line
+    manifest: str | None = None  # CSV with a `path` column (relative to the CSV), optional split, bandwidth_hz
+    split: str | None = "train"  # manifest rows used for training (null: all rows)
+    valid_split: str | None = None  # manifest rows used for validation (null: no validation)
+    valid_items: int = 32  # validation files, each presented at every rate
+    rates: list[int] = field(default_factory=lambda: list(DEFAULT_RATES))  # presentation rates, one per batch
+    crop_s: float = 2.0  # random crop length; shorter files are padded and masked
+    min_s: float = 0.3  # files shorter than this are skipped
+
+
+SECTIONS = {"model": DistillModel, "data": DistillData, "trainer": TrainConfig}
+
+
+# --- data -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Clip:
+    info: audio.AudioInfo
+    bandwidth_hz: float  # real audio bandwidth (a file may be an upsampled narrower one)
+
+
+def _manifest_rows(path: Path, split: str | None) -> list[tuple[str, float | None]]:
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise ConfigError(f"data.manifest: cannot read {path} ({e.strerror})") from None
+    if rows and "path" not in rows[0]:
+        raise ConfigError(f"data.manifest: {path} has no 'path' column")
+    out = []
+    for r in rows:
+        if split is not None and r.get("split") is not None and r["split"] != split:
+            continue
+        bw = r.get("bandwidth_hz")
+        out.append((str((path.parent / r["path"]).resolve()), float(bw) if bw not in (None, "") else None))
+    return out
+
+
+def collect(data: DistillData, split: str | None) -> list[Clip]:
+    """All usable clips in a stable order (sorted paths); unreadable or too short files are skipped."""
+    items: list[tuple[str, float | None]] = []
+    for d in data.dirs:
+        if not Path(d).is_dir():
+            raise ConfigError(f"data.dirs: {d} is not a folder")
+        items += [(str(p), None) for p in sorted(Path(d).rglob("*")) if p.suffix.lower() in audio.AUDIO_EXTENSIONS]
+    for lst in data.lists:
+        try:
+            lines = Path(lst).read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"data.lists: cannot read {lst} ({e.strerror})") from None
+        items += [(str((Path(lst).parent / s.strip()).resolve()), None) for s in lines if s.strip()]
+    if data.manifest:
+        items += _manifest_rows(Path(data.manifest), split)
+    clips = []
+    for path, bw in sorted(set(items)):
+        try:
+            info = audio.probe(path)
+        except audio.AudioError:
+            continue
+        if info.duration >= data.min_s:
+            clips.append(Clip(info, min(bw or info.sample_rate / 2, info.sample_rate / 2)))
+    return clips
+
+
+def present(clip: Clip, start: int, stop: int, sr: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Samples [start, stop) at rate `sr` (band-limited resampling) and at 16 kHz for the teacher, and
+    the bandwidth they really have: upsampling never adds content above the native Nyquist."""
+    x = torch.from_numpy(audio.read_segment(clip.info, start, stop).copy())
+    y = audio.resample(x, clip.info.sample_rate, sr)
+    return y, audio.resample(y, sr, SAMPLE_RATE), min(clip.bandwidth_hz, sr / 2)
+
+
+def _pad(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([w.shape[0] for w in waves])
+    out = torch.zeros(len(waves), int(lengths.max()))
+    for i, w in enumerate(waves):
+        out[i, : w.shape[0]] = w
+    return out, lengths
+
+
+def collate(items: list[tuple[torch.Tensor, torch.Tensor, float]], sr: int) -> dict:
+    wave, lengths = _pad([i[0] for i in items])
+    wave16, lengths16 = _pad([i[1] for i in items])
+    return {"wave": wave, "lengths": lengths, "sr": sr, "wave16": wave16, "lengths16": lengths16,
+            "bandwidth_hz": torch.tensor([i[2] for i in items])}
+
+
+def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size: int, rank: int, world: int,
+                 seed: int, start: int):
+    """Endless batches; global batch g holds items g*B*world + [0, B*world), this rank takes its slice.
+
+    Everything (rate, file order per epoch, crop) is a pure function of (seed, position), so the
+    stream restarts exactly at `start` and a 2-rank run sees the same items as one rank with 2B.
+    """
+    n, B = len(clips), batch_size
+    g = start
+    while True:
+        sr = int(rates[np.random.default_rng([seed, 1, g]).integers(len(rates))])
+        items = []
+        for k in range(B):
+            i = g * B * world + rank * B + k
+            epoch = i // n
+            clip = clips[int(np.random.default_rng([seed, 2, epoch]).permutation(n)[i % n])]
+            crop = int(round(crop_s * clip.info.sample_rate))
+            off = int(np.random.default_rng([seed, 3, i]).integers(max(clip.info.frames - crop, 0) + 1))
+            items.append(present(clip, off, min(off + crop, clip.info.frames), sr))
+        yield collate(items, sr)
+        g += 1
+
+
+# --- student --------------------------------------------------------------------------------
+def student_config(m: DistillModel, teacher: Teacher) -> ModelConfig:
+    if m.student not in PRESETS:
+        raise ConfigError(f"model.student: unknown preset {m.student!r} (known: {', '.join(PRESETS)})")
+    cfg = PRESETS[m.student]().to_dict()
+    if m.init_from_teacher and isinstance(teacher, Wav2Vec2Teacher):
+        p = teacher.params
+        (c0, k0, s0), *rest = p["extractor_conv_layer_config"]
+        cfg.update(sfi_channels=c0, sfi_kernel=k0, sfi_stride=s0, sfi_components=max(cfg["sfi_components"],
+                   math.ceil(k0 / 2)), conv_layers=[list(c) for c in rest], extractor_mode=p["extractor_mode"],
+                   conv_bias=p["extractor_conv_bias"], embed_dim=p["encoder_embed_dim"],
+                   pos_conv_kernel=p["encoder_pos_conv_kernel"], pos_conv_groups=p["encoder_pos_conv_groups"],
+                   num_layers=p["encoder_num_layers"], num_heads=p["encoder_num_heads"],
+                   ff_dim=p["encoder_ff_interm_features"], layer_norm_first=p["encoder_layer_norm_first"])
+    try:
+        return ModelConfig.from_dict({**cfg, **m.student_overrides})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.student_overrides: {e}") from None
+
+
+def init_from_teacher(student: MOSModel, teacher: Wav2Vec2Teacher, fit_steps: int) -> dict:
+    """Copy every teacher tensor whose shape matches; fit the SFI layer to the first conv."""
+    mine = student.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for key, v in teacher.model.state_dict().items():
+            if key.startswith("feature_extractor.conv_layers.0.layer_norm."):
+                dst = "sfi_norm." + key.rsplit(".", 1)[1]
+            elif key.startswith("feature_extractor.conv_layers."):
+                i, rest = key[len("feature_extractor.conv_layers."):].split(".", 1)
+                dst = f"convs.{int(i) - 1}.{rest}" if int(i) > 0 else None
+            else:
+                dst = key
+            if dst in mine and mine[dst].shape == v.shape:
+                mine[dst].copy_(v)
+                copied += 1
+    w0 = teacher.model.feature_extractor.conv_layers[0].conv.weight
+    err = fit_to_kernel(student.sfi, w0, refine_steps=fit_steps) if w0.shape[0] == student.sfi.channels else None
+    return {"copied_tensors": copied, "sfi_fit_rel_error": err}
+
+
+class Distiller(nn.Module):
+    """The trained module: the student plus a linear projection per layer pair where widths differ."""
+
+    def __init__(self, student: MOSModel, pairs: list[list[int]], teacher_dims: list[int]):
+        super().__init__()
+        self.student, self.pairs = student, pairs
+        sdims = [student.cfg.conv_layers[-1][0] if student.cfg.conv_layers else student.cfg.sfi_channels] + \
+            [student.cfg.embed_dim] * student.cfg.num_layers
+        self.proj = nn.ModuleList(nn.Identity() if sdims[s] == teacher_dims[t] else nn.Linear(sdims[s], teacher_dims[t])
+                                  for s, t in pairs)
+
+    def forward(self, wave, lengths, sr: int, want_mos: bool):
+        """-> (projected student features per pair [(B, F, D_t)], frames (B,), MOS (B,) or None)."""
+        s = self.student
+        depth = max(p[0] for p in self.pairs) if self.pairs else 0
+        head_layer = s.cfg.head_layer % s.cfg.num_layers
+        if want_mos:
+            depth = max(depth, head_layer + 1)
+        x, n = s.conv_features(wave, lengths, sr)
+        layers = [x, *(s.encoder.extract_features(x, n, depth) if depth else [])]
+        mos = s.head(layers[head_layer + 1], n).sum(1) / n.clamp(min=1) if want_mos else None
+        return [proj(layers[si]) for proj, (si, _) in zip(self.proj, self.pairs)], n, mos
+
+
+def feature_loss(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item masked means of |s - t| and 1 - cos(s, t) over valid frames: (B, F, D) x2, (B, F) -> (B,), (B,)."""
+    w = valid.to(s.dtype)
+    count = w.sum(1).clamp(min=1)
+    l1 = ((s - t).abs().mean(-1) * w).sum(1) / count
+    cos = ((1 - nn.functional.cosine_similarity(s, t, dim=-1)) * w).sum(1) / count
+    return l1, cos
+
+
+class DistillTask:
+    """The `Task` that `train.fit` runs for `utmos distill`."""
+
+    def __init__(self, m: DistillModel, data: DistillData, trainer: TrainConfig, teacher: Teacher | None = None):
+        if m.mos_loss not in ("l1", "mse"):
+            raise ConfigError(f"model.mos_loss must be l1 or mse, got {m.mos_loss!r}")
+        for r in data.rates:
+            if not audio.MIN_RATE <= r <= audio.MAX_RATE:
+                raise ConfigError(f"data.rates: {r} outside {audio.MIN_RATE}-{audio.MAX_RATE} Hz")
+        if not data.rates:
+            raise ConfigError("data.rates: empty")
+        self.m, self.data, self.trainer = m, data, trainer
+        self.teacher = teacher if teacher is not None else load_teacher(m.teacher, m.teacher_kind)
+        self.clips = collect(data, data.split)
+        if not self.clips:
+            raise ConfigError("data: no readable audio found in data.dirs / data.lists / data.manifest")
+        self.valid_clips = collect(data, data.valid_split)[: data.valid_items] if data.valid_split else []
+        torch.manual_seed(trainer.seed)
+        student = MOSModel(student_config(m, self.teacher))
+        self.init_info = {}
+        if m.init_from_teacher and isinstance(self.teacher, Wav2Vec2Teacher):
+            self.init_info = init_from_teacher(student, self.teacher, m.sfi_fit_steps)
+        probe = self.teacher(torch.zeros(1, SAMPLE_RATE))
+        tdims = [x.shape[-1] for x in probe["layers"]]
+        pairs = m.layers if m.layers is not None else self.default_pairs(student.cfg.num_layers, len(tdims) - 1)
+        for s, t in pairs:
+            if not (0 <= s <= student.cfg.num_layers and 0 <= t < len(tdims)):
+                raise ConfigError(f"model.layers: pair [{s}, {t}] out of range (student 0-{student.cfg.num_layers}, "
+                                  f"teacher 0-{len(tdims) - 1})")
+        self.use_mos = self.teacher.has_mos and m.mos_weight > 0
+        self.model = Distiller(student, [list(p) for p in pairs], tdims)
+
+    def default_pairs(self, n_student: int, n_teacher: int) -> list[list[int]]:
+        """wav2vec2: CNN output and every encoder layer, spread evenly when depths differ.
+        DistillMOS: the student's last layer to the teacher's transformer output."""
+        if self.teacher.has_mos:
+            return [[n_student, n_teacher]]
+        return [[0, 0]] + [[i, round(i * n_teacher / n_student)] for i in range(1, n_student + 1)]
+
+    def set_device(self, device: torch.device) -> None:
+        self.teacher.to(device)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def batches(self, rank: int, world: int, seed: int, start: int):
+        return batch_stream(self.clips, self.data.rates, self.data.crop_s, self.trainer.batch_size, rank, world,
+                            seed, start)
+
+    def audio_seconds(self, batch: dict) -> float:
+        return float(batch["lengths"].sum()) / batch["sr"]
+
+    def item_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-item loss terms (B,) so that averages over ranks equal averages over the global batch."""
+        t = self.teacher(batch["wave16"], batch["lengths16"])
+        feats, n, mos = self.model(batch["wave"], batch["lengths"], batch["sr"], self.use_mos)
+        B = batch["wave"].shape[0]
+        zero = batch["wave"].new_zeros(B)
+        l1_sum, cos_sum = zero, zero
+        for f, (_, ti) in zip(feats, self.model.pairs):
+            tf = t["layers"][ti].float()
+            F = min(f.shape[1], tf.shape[1])
+            valid = torch.arange(F, device=f.device)[None, :] < torch.minimum(n, t["lengths"])[:, None]
+            l1, cos = feature_loss(f[:, :F].float(), tf[:, :F], valid)
+            l1_sum, cos_sum = l1_sum + l1, cos_sum + cos
+        k = max(len(feats), 1)
+        out = {"feat_l1": l1_sum / k, "feat_cos": cos_sum / k}
+        if self.use_mos:
+            d = mos.float() - t["mos"].float()
+            out["mos"] = d.abs() if self.m.mos_loss == "l1" else d ** 2
+        total = self.m.feature_weight * out["feat_l1"] + self.m.cosine_weight * out["feat_cos"]
+        out["loss"] = total + (self.m.mos_weight * out["mos"] if self.use_mos else 0)
+        return out
+
+    def loss(self, batch: dict, step: int):
+        parts = {k: v.mean() for k, v in self.item_losses(batch).items()}
+        return parts.pop("loss"), {k: float(v.detach()) for k, v in parts.items()}
+
+    def validate(self) -> dict[str, float] | None:
+        """Mean loss over the validation clips (first `crop_s` seconds) presented at every rate."""
+        if not self.valid_clips:
+            return None
+        dev = next(self.model.parameters()).device
+        sums, count = {}, 0
+        for sr in self.data.rates:
+            for i in range(0, len(self.valid_clips), self.trainer.batch_size):
+                chunk = self.valid_clips[i:i + self.trainer.batch_size]
+                items = [present(c, 0, min(c.info.frames, int(round(self.data.crop_s * c.info.sample_rate))), sr)
+                         for c in chunk]
+                b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in collate(items, sr).items()}
+                for k, v in self.item_losses(b).items():
+                    sums[k] = sums.get(k, 0.0) + float(v.sum())
+                count += len(chunk)
+        return {f"valid_{k}": v / count for k, v in sorted(sums.items(), key=lambda kv: kv[0] != "loss")}
+
+    def export(self, folder: Path, metadata: dict) -> None:
+        meta = {**metadata, "task": "distill", "teacher": self.m.teacher, "teacher_kind": self.teacher.name,
+                "layer_pairs": self.model.pairs, "rates": self.data.rates, **self.init_info}
+        save_model(self.model.student, folder, meta)
+
+
+def run(config: str | os.PathLike | None, overrides: list[str] | None = None, resume: bool = False,
+        teacher: Teacher | None = None) -> dict:
+    """`utmos distill`: read the config, build the task and train. Returns fit's summary."""
+    built, resolved = load_config(config, overrides, SECTIONS)
+    try:
+        built["trainer"].validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    task = DistillTask(built["model"], built["data"], built["trainer"], teacher)
+    summary = fit(task, built["trainer"], resolved, resume=resume,
+                  select_metric="valid_loss" if task.valid_clips else None, select_mode="min")
+    return {**summary, **task.init_info}

@@ -1,0 +1,244 @@
+"""Frozen 16 kHz teachers for distillation: wav2vec2-family SSL models and DistillMOS.
+
+Every teacher is called as `teacher(wave16k (B, T), lengths (B,))` and returns
+`{"layers": [(B, F, D), ...], "lengths": (B,) valid frames, "mos": (B,) or None}`
+without gradients, in eval mode. For wav2vec2, `layers[0]` is the CNN output and
+`layers[i]` the output of encoder layer i (1-based), at 50 frames per second.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchaudio.models import wav2vec2_model
+
+SAMPLE_RATE = 16000
+HF_SKIP = ("masked_spec_embed", "quantizer.", "project_q.", "project_hid.", "lm_head.", "adapter", "final_proj.",
+           "label_embs_concat")
+HF_PREFIXES = ("wav2vec2.", "hubert.")
+HF_TYPES = ("wav2vec2", "hubert")
+
+
+class TeacherError(Exception):
+    """A teacher could not be loaded; the message is one line naming the cause and the fix."""
+
+
+class Teacher(nn.Module):
+    """Base: frozen, eval mode, no grad; subclasses implement `_forward`."""
+
+    name: str = "teacher"
+    has_mos: bool = False
+
+    def freeze(self) -> "Teacher":
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> "Teacher":  # a teacher never leaves eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> dict:
+        if lengths is None:
+            lengths = torch.full((wave.shape[0],), wave.shape[-1], device=wave.device)
+        return self._forward(wave.float(), lengths)
+
+
+# --- wav2vec2 family ----------------------------------------------------------------------
+class Wav2Vec2Teacher(Teacher):
+    """A torchaudio `Wav2Vec2Model` plus the kwargs it was built from (`params`)."""
+
+    def __init__(self, model: nn.Module, params: dict, name: str = "wav2vec2"):
+        super().__init__()
+        self.model, self.params, self.name = model, params, name
+        self.freeze()
+
+    @property
+    def num_layers(self) -> int:
+        return self.params["encoder_num_layers"]
+
+    def _forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> dict:
+        x, n = self.model.feature_extractor(wave, lengths)  # (B, T) -> (B, F, C)
+        layers = self.model.encoder.extract_features(x, n)
+        return {"layers": [x, *layers], "lengths": n, "mos": None}
+
+
+def default_params(**overrides) -> dict:
+    """torchaudio `wav2vec2_model` kwargs of wav2vec2-base, dropouts off (a teacher only runs in eval)."""
+    p = dict(extractor_mode="group_norm", extractor_conv_layer_config=[(512, 10, 5)] + [(512, 3, 2)] * 4
+             + [(512, 2, 2)] * 2, extractor_conv_bias=False, encoder_embed_dim=768, encoder_projection_dropout=0.0,
+             encoder_pos_conv_kernel=128, encoder_pos_conv_groups=16, encoder_num_layers=12, encoder_num_heads=12,
+             encoder_attention_dropout=0.0, encoder_ff_interm_features=3072, encoder_ff_interm_dropout=0.0,
+             encoder_dropout=0.0, encoder_layer_norm_first=False, encoder_layer_drop=0.0, aux_num_out=None)
+    p.update(overrides)
+    return p
+
+
+def params_from_hf_config(cfg: dict) -> dict:
+    """Hugging Face `Wav2Vec2Config` (as a dict) -> torchaudio `wav2vec2_model` kwargs."""
+    if cfg.get("model_type") not in HF_TYPES:
+        raise TeacherError(f"config.json: model_type {cfg.get('model_type')!r} is not one of {', '.join(HF_TYPES)}")
+    conv = [list(c) for c in zip(cfg["conv_dim"], cfg["conv_kernel"], cfg["conv_stride"])]
+    return default_params(
+        extractor_mode="group_norm" if cfg.get("feat_extract_norm", "group") == "group" else "layer_norm",
+        extractor_conv_layer_config=[tuple(c) for c in conv], extractor_conv_bias=bool(cfg.get("conv_bias", False)),
+        encoder_embed_dim=cfg["hidden_size"], encoder_pos_conv_kernel=cfg["num_conv_pos_embeddings"],
+        encoder_pos_conv_groups=cfg["num_conv_pos_embedding_groups"], encoder_num_layers=cfg["num_hidden_layers"],
+        encoder_num_heads=cfg["num_attention_heads"], encoder_ff_interm_features=cfg["intermediate_size"],
+        encoder_layer_norm_first=bool(cfg.get("do_stable_layer_norm", False)))
+
+
+def map_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face wav2vec2 state dict to torchaudio's `Wav2Vec2Model` keys."""
+    out = {}
+    for key, v in state.items():
+        for prefix in HF_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if key.startswith(HF_SKIP) or not key.startswith(("feature_extractor.", "feature_projection.", "encoder.")):
+            continue
+        key = key.replace(".weight_g", ".parametrizations.weight.original0")
+        key = key.replace(".weight_v", ".parametrizations.weight.original1")
+        if key.startswith("feature_projection."):
+            key = "encoder." + key
+        elif key.startswith("encoder."):
+            key = "encoder.transformer." + key[len("encoder."):]
+        out[key] = v
+    return out
+
+
+def _build(params: dict, state: dict, source: str, name: str) -> Wav2Vec2Teacher:
+    model = wav2vec2_model(**params)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = "; ".join(line.strip() for line in str(e).strip().splitlines()[:3])
+        raise TeacherError(f"{source}: weights do not match the wav2vec2 architecture ({detail[:300]})") from None
+    return Wav2Vec2Teacher(model, params, name)
+
+
+def load_hf_dir(folder: str | os.PathLike, name: str | None = None) -> Wav2Vec2Teacher:
+    """A Hugging Face model folder: config.json + model.safetensors (or pytorch_model.bin, read weights-only)."""
+    folder = Path(folder)
+    try:
+        params = params_from_hf_config(json.loads((folder / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise TeacherError(f"{folder / 'config.json'}: unreadable wav2vec2 config ({type(e).__name__}: {e})") from None
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(folder / "model.safetensors")
+    elif (folder / "pytorch_model.bin").is_file():
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise TeacherError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    return _build(params, map_hf_state(state), str(folder), name or folder.name)
+
+
+def load_torchaudio_file(path: str | os.PathLike, params: dict | None = None) -> Wav2Vec2Teacher:
+    """A torchaudio state dict saved with torch.save: either {"params": {...}, "state_dict": {...}}, or a
+    plain state dict with its `wav2vec2_model` kwargs in `params` or in a JSON file of the same stem."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TeacherError(f"{path}: cannot read a torchaudio state dict ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and "state_dict" in obj:
+        params, state = obj.get("params", params), obj["state_dict"]
+    else:
+        state = obj
+    if params is None and path.with_suffix(".json").is_file():
+        params = json.loads(path.with_suffix(".json").read_text())
+    if params is None:
+        raise TeacherError(f"{path}: no model params; save {{'params': ..., 'state_dict': ...}} or put the "
+                           f"wav2vec2_model kwargs in {path.with_suffix('.json').name}")
+    params = default_params(**params)
+    params["extractor_conv_layer_config"] = [tuple(c) for c in params["extractor_conv_layer_config"]]
+    return _build(params, state, str(path), path.stem)
+
+
+def load_wav2vec2(source: str, params: dict | None = None) -> Wav2Vec2Teacher:
+    """A local HF folder, a local torchaudio file, or a hub id like `facebook/wav2vec2-base`."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return load_hf_dir(path)
+    if path.is_file():
+        return load_torchaudio_file(path, params)
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise TeacherError(f"teacher {source!r}: no such file or folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise TeacherError(f"teacher {source!r}: hub ids need `pip install 'msr-utmos[hub]'`; or pass a local "
+                           "folder with config.json + model.safetensors (--set model.teacher=/path)") from None
+    try:
+        folder = snapshot_download(source, allow_patterns=["config.json", "model.safetensors", "pytorch_model.bin"])
+    except Exception as e:  # offline, missing repo, auth: one answer for the user
+        cause = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise TeacherError(f"teacher {source!r}: could not download from the Hugging Face hub ({cause}); offline, "
+                           "download it elsewhere and pass the folder (config.json + model.safetensors) with "
+                           "--set model.teacher=/path/to/folder") from None
+    return load_hf_dir(folder, name=source)
+
+
+# --- DistillMOS ---------------------------------------------------------------------------
+class DistillMOSTeacher(Teacher):
+    """DistillMOS (a 16 kHz speech-quality MOS predictor) with its per-frame features exposed.
+
+    layers: [CNN features (B, F, 1024), transformer output (B, F, 200)] at 50 frames per second,
+    taken from the first 7.68 s window; mos: its 1-5 MOS over the whole input.
+    """
+
+    name, has_mos = "distillmos", True
+
+    def __init__(self):
+        super().__init__()
+        try:
+            from distillmos import sqa
+        except ImportError as e:
+            raise TeacherError(f"the DistillMOS teacher needs `pip install 'msr-utmos[distillmos]'` ({e})") from None
+        self.sqa = sqa
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints where it loaded from
+            self.model = sqa.ConvTransformerSQAModel(load_weights=True, segmenting_in_forward=False)
+        self.freeze()
+
+    def _windows(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Their segmentation: pad to one window, or overlapping windows hopping <= 1 s. -> (W*B, L), W."""
+        seq, hop = self.sqa.SEQ_LEN, self.sqa.MAX_HOP_LEN
+        over = x.shape[1] - seq
+        if over <= 0:
+            return nn.functional.pad(x, (0, -over)), 1
+        hops = int(math.ceil(over / hop)) + 1
+        starts = [int(c * over) for c in torch.linspace(0, 1, hops).tolist()]
+        return torch.cat([x[:, s:s + seq] for s in starts], dim=0), hops
+
+    def _forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> dict:
+        B = wave.shape[0]
+        valid = torch.arange(wave.shape[1], device=wave.device)[None, :] < lengths[:, None]
+        x, hops = self._windows(wave * valid)
+        x = x / (x.abs().amax(dim=1, keepdim=True) + 1e-8)
+        m = self.model.transformer_pool_attn
+        cnn = self.model.cnn(x).permute(0, 2, 1)  # (W*B, 384, 1024)
+        h = m.norm_input(cnn.transpose(1, 2)).transpose(1, 2)
+        h = m.norm_trans(m.transformer(h).transpose(1, 2)).transpose(1, 2)  # (W*B, 384, 200)
+        q = torch.sigmoid(m.pool(h).squeeze(-1)).reshape(hops, B).mean(0)
+        frames = torch.clamp(torch.div(lengths, 320, rounding_mode="floor") + 1, max=cnn.shape[1])
+        return {"layers": [cnn[:B], h[:B]], "lengths": frames, "mos": 1 + 4 * q}
+
+
+def load_teacher(source: str, kind: str = "auto") -> Teacher:
+    """`distillmos`, or a wav2vec2-family model (local HF folder, torchaudio file, or hub id)."""
+    if kind == "auto":
+        kind = "distillmos" if source == "distillmos" else "wav2vec2"
+    if kind == "distillmos":
+        return DistillMOSTeacher()
+    if kind == "wav2vec2":
+        return load_wav2vec2(source)
+    raise TeacherError(f"teacher kind must be auto, wav2vec2 or distillmos, got {kind!r}")
