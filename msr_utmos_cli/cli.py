@@ -95,16 +95,78 @@ def score(
 
 # --- distill -----------------------------------------------------------------
 @app.command()
-def distill() -> None:
-    """Train an SFI student from a 16 kHz teacher."""
-    raise typer.Exit(2)
+def distill(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (model:, data:, trainer:).")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a config key, e.g. --set trainer.lr=3e-4 (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from trainer.out_dir/last exactly where it stopped.")] = False,
+) -> None:
+    """Train an SFI student from a 16 kHz teacher (launch under torchrun for several processes)."""
+    import os
+
+    from .config import ConfigError
+    from .teachers import TeacherError
+    from .train import TrainingError
+
+    main = os.environ.get("RANK", "0") == "0"
+    try:
+        from .distill import run
+
+        summary = run(config, set_ or [], resume=resume)
+    except (ConfigError, TeacherError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except TrainingError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if not main:
+        return
+    last = Path(summary["out_dir"]) / "last"
+    if summary["interrupted"]:
+        typer.echo(f"interrupted at step {summary['step']}; checkpoint in {last} (continue with --resume)", err=True)
+        raise typer.Exit(130)
+    best = f"; best {summary['select_metric']} {summary['best']:.4f} in {last.parent / 'best'}" \
+        if summary.get("best") is not None else ""
+    typer.echo(f"distilled {summary['step']} steps; model in {last}{best}", err=True)
 
 
 # --- finetune ----------------------------------------------------------------
 @app.command()
-def finetune() -> None:
-    """Train the MOS head and SSL model on labelled CSVs."""
-    raise typer.Exit(2)
+def finetune(
+    config: Annotated[Path, typer.Option(help="Run config YAML (sections model, data, loss, trainer).")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a config key, e.g. --set trainer.lr=3e-5 (repeatable).")] = None,
+    init: Annotated[Optional[str], typer.Option(
+        help="Start from this model folder (distill or finetune checkpoint) or preset (tiny/small/base); "
+             "overrides model.init.")] = None,
+    wav_root: Annotated[Optional[str], typer.Option(
+        help="Relative audio paths in lists without their own wav_root resolve here (default: the list's folder).")] = None,
+    skip_bad_rows: Annotated[bool, typer.Option(
+        "--skip-bad-rows", help="Drop bad label rows (each still listed) instead of stopping.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from trainer.out_dir/last.")] = False,
+) -> None:
+    """Fine-tune (or pretrain) a MOS predictor on labelled lists; best model in OUT_DIR/best."""
+    from .config import ConfigError
+    from .finetune import run
+    from .labels import LabelError
+    from .checkpoint import ModelLoadError
+    from .train import TrainingError
+
+    try:
+        summary = run(config, set_, init=init, wav_root=wav_root, skip_bad_rows=skip_bad_rows, resume=resume,
+                      log=lambda line: typer.echo(line, err=True))
+    except (ConfigError, LabelError, ModelLoadError, TrainingError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    best = summary.get("best")
+    metric = summary.get("select_metric") or "-"
+    typer.echo(f"{summary['step']} steps; best {metric} = {best if best is None else f'{best:.4f}'}; "
+               f"model in {summary['out_dir']}/best"
+               + (f"; predictions in {summary['predictions']}" if summary.get("predictions") else "")
+               + ("; interrupted (continue with --resume)" if summary.get("interrupted") else "")
+               + ("; stopped early" if summary.get("early_stopped") else ""))
+    if summary.get("interrupted"):
+        raise typer.Exit(130)
 
 
 # --- report ------------------------------------------------------------------
