@@ -606,7 +606,7 @@ def build_examples(out: Path) -> None:
     lines += ["", "All clips were trimmed of leading/trailing silence and cut to at most 4 s before processing. "
               "Synthetic speech is the output of the listed Debian synthesizer and voice speaking our own text.",
               "", "The .ogg file is Ogg Vorbis written by libsndfile, so it carries Vorbis coding on top of the "
-              "processing listed.", "The asterisk prompts are CC-BY-SA-3.0: these derived clips are shared "
+              "processing listed; it is the one file whose bytes change on regeneration (random Ogg stream serial).", "The asterisk prompts are CC-BY-SA-3.0: these derived clips are shared "
               "under the same licence, with attribution to Allison Smith.", ""]
     (out / "README.md").write_text("\n".join(lines))
 
