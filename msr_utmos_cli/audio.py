@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ import torchaudio.functional as AF
 
 MIN_RATE = 8000      # below this the SFI layer would have fewer than 5 taps per window
 MAX_RATE = 192000    # above this the taps per window (and memory) grow with no benefit for speech
+READ_BLOCK = 1 << 20  # samples (all channels) read at a time: bounds memory for many-channel files
 SILENCE_PEAK = 1e-5  # -100 dBFS: a file whose peak stays below this is treated as silent
 AUDIO_EXTENSIONS = frozenset(
     {f".{k.lower()}" for k in sf.available_formats()} | {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus",
@@ -42,12 +44,25 @@ def _cause(e: Exception) -> str:
     return msg.replace(str(getattr(e, "filename", "") or "\0"), "").strip(" :") or type(e).__name__
 
 
+def _native(path: str) -> str | bytes:
+    """The path libsndfile can open: a regular file (a FIFO or device would block or never end),
+    as bytes so names that are not valid UTF-8 still open."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError) as e:
+        raise AudioError(f"cannot read audio ({getattr(e, 'strerror', None) or e})") from None
+    if stat.S_ISDIR(mode):
+        raise AudioError("is a directory")
+    if not stat.S_ISREG(mode):
+        raise AudioError("not a regular file (a pipe, socket or device)")
+    return path if os.name == "nt" else os.fsencode(path)
+
+
 def probe(path: str) -> AudioInfo:
     """Header only: rate, length and channels, without reading the samples."""
-    if os.path.isdir(path):
-        raise AudioError("is a directory")
+    native = _native(path)
     try:
-        info = sf.info(path)
+        info = sf.info(native)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
         raise AudioError(f"cannot read audio ({_cause(e)})") from None
     if info.frames <= 0:
@@ -67,16 +82,26 @@ def to_mono(x: np.ndarray, channel: int | None = None) -> np.ndarray:
 
 
 def read_segment(info: AudioInfo, start: int, stop: int, channel: int | None = None) -> np.ndarray:
-    """Samples [start, stop) as float32 mono, read without loading the rest of the file."""
+    """Samples [start, stop) as float32 mono, read without loading the rest of the file.
+
+    Read in blocks of at most READ_BLOCK samples and mixed down block by block, so memory is
+    one mono window whatever the channel count."""
+    parts, got = [], 0
     try:
-        with sf.SoundFile(info.path) as f:
+        with sf.SoundFile(_native(info.path)) as f:
             f.seek(start)
-            x = f.read(stop - start, dtype="float32", always_2d=True)
+            step = max(1024, READ_BLOCK // max(f.channels, 1))
+            while got < stop - start:
+                x = f.read(min(step, stop - start - got), dtype="float32", always_2d=True)
+                if not x.shape[0]:
+                    break
+                parts.append(to_mono(x, channel))
+                got += x.shape[0]
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
         raise AudioError(f"cannot read audio ({_cause(e)})") from None
-    if x.shape[0] < stop - start:  # header promised more than the file holds
-        raise AudioError(f"truncated audio (header says {info.frames} samples, data ends at {start + x.shape[0]})")
-    return to_mono(x, channel)
+    if got < stop - start:  # header promised more than the file holds
+        raise AudioError(f"truncated audio (header says {info.frames} samples, data ends at {start + got})")
+    return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def band_limit(wave: torch.Tensor, sr: int, cutoff_hz: float) -> torch.Tensor:
