@@ -11,8 +11,9 @@ import io
 import json
 import math
 import os
+import re
+import stat
 import sys
-from typing import IO
 
 from .scoring import Row, iter_inputs, score_files
 
@@ -56,57 +57,119 @@ def done_paths(text: str, fmt: str) -> set[str]:
     return {r["path"] for r in csv.DictReader(io.StringIO(text)) if r.get("path") is not None}
 
 
+def complete_prefix(data: bytes, fmt: str) -> int:
+    """Length of the whole rows at the start of `data`: a torn last row is cut off. A CSV field may
+    hold a quoted newline (a path can), so for CSV only a newline outside quotes ends a row."""
+    if fmt != "csv":
+        return data.rfind(b"\n") + 1
+    cut, inside = 0, False
+    for m in re.finditer(rb'["\n]', data):
+        if m.group() == b'"':
+            inside = not inside
+        elif not inside:
+            cut = m.end()
+    return cut
+
+
 class ScoreWriter:
-    """Appends rows to `path` (or stdout for "-") under an exclusive lock."""
+    """Appends rows to `path` (or stdout for "-") under an exclusive lock.
+
+    Each chunk is written with unbuffered writes and fsynced; a failed write (disk full) is cut
+    back off, so the file always ends with a whole row. Paths that are not valid UTF-8 are written
+    back as their original bytes (surrogateescape), so they round-trip through `--resume`.
+    """
 
     def __init__(self, path: str, fmt: str = "csv", resume: bool = False):
         if fmt not in ("csv", "jsonl"):
             raise OutputError(f"unknown format {fmt!r} (csv or jsonl)")
-        self.fmt, self.path, self.done = fmt, path, set()
-        self.f: IO[str]
+        self.fmt, self.path, self.done, self.fd = fmt, path, set(), None
+        self.header = fmt == "csv"
         if path == "-":
-            self.f, self.header = sys.stdout, fmt == "csv"
             return
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise OutputError(f"{path}: cannot open for writing ({e.strerror or e})") from None
-        self.f = os.fdopen(fd, "r+", encoding="utf-8", newline="")
+        try:
+            self._open(resume)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _open(self, resume: bool) -> None:
+        path, fd = self.path, self.fd
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.f.close()
             raise OutputError(f"{path}: another utmos run is writing this file") from None
-        try:
-            text = self.f.read() if resume else ""
-        except UnicodeDecodeError:
-            self.f.close()
-            raise OutputError(f"{path}: existing output is not text; cannot resume") from None
-        keep = text[: text.rfind("\n") + 1]  # drop a torn last line
-        if resume and fmt == "csv" and keep and not keep.startswith(COLUMNS[0]):
-            self.f.close()
+        except OSError as e:
+            raise OutputError(f"{path}: cannot lock ({e.strerror or e})") from None
+        self.regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if not self.regular:  # /dev/stdout, a pipe: nothing to read back or cut
+            if resume:
+                raise OutputError(f"{path}: not a regular file; cannot resume")
+            return
+        data = b""
+        if resume:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read()
+            if b"\0" in data:
+                raise OutputError(f"{path}: existing output is not text; cannot resume")
+        keep = data[: complete_prefix(data, self.fmt)]
+        text = keep.decode("utf-8", "surrogateescape")
+        if self.fmt == "csv" and keep and not text.startswith(COLUMNS[0]):
             raise OutputError(f"{path}: existing file is not a score CSV (no header); cannot resume")
-        self.done = done_paths(keep, fmt) if resume else set()
-        self.f.seek(len(keep.encode("utf-8")))
-        self.f.truncate()
-        self.header = fmt == "csv" and not keep
+        self.done = done_paths(text, self.fmt) if resume else set()
+        try:
+            os.ftruncate(fd, len(keep))
+        except OSError as e:
+            raise OutputError(f"{path}: cannot truncate ({e.strerror or e})") from None
+        os.lseek(fd, len(keep), os.SEEK_SET)
+        self.size = len(keep)
+        self.header = self.fmt == "csv" and not keep
 
     def write(self, rows: list[Row]) -> None:
         if not rows:
             return
-        data = format_rows(rows, self.fmt, self.header)
+        data = format_rows(rows, self.fmt, self.header).encode("utf-8", "surrogateescape")
+        if self.fd is None:
+            self._write_stdout(data)
+        else:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view):]
+                if self.regular:
+                    os.fsync(self.fd)
+            except OSError as e:
+                if self.regular:
+                    try:  # cut the part of this chunk that made it, so the file ends with a whole row
+                        os.ftruncate(self.fd, self.size)
+                        os.lseek(self.fd, self.size, os.SEEK_SET)
+                    except OSError:
+                        pass
+                raise OutputError(f"{self.path}: write failed ({e.strerror or e}); "
+                                  "rows written before are kept") from None
+            self.size += len(data)
         self.header = False
+
+    def _write_stdout(self, data: bytes) -> None:
         try:
-            self.f.write(data)
-            self.f.flush()
-            if self.f is not sys.stdout:
-                os.fsync(self.f.fileno())
+            out = getattr(sys.stdout, "buffer", None)
+            if out is None:
+                sys.stdout.write(data.decode("utf-8", "replace"))
+                sys.stdout.flush()
+            else:
+                sys.stdout.flush()
+                out.write(data)
+                out.flush()
         except OSError as e:
-            raise OutputError(f"{self.path}: write failed ({e.strerror or e}); rows written before are kept") from None
+            raise OutputError(f"stdout: write failed ({e.strerror or e})") from None
 
     def close(self) -> None:
-        if self.f is not sys.stdout:
-            self.f.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def write_scores(model, inputs: list[str], out: str, fmt: str = "csv", resume: bool = False,
