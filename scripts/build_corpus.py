@@ -297,7 +297,7 @@ def add_noise(x: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
 
 def ffmpeg_roundtrip(x: np.ndarray, sr: int, codec_rate: int, enc: list[str], ext: str, tmp: Path):
     """Encode and decode x with ffmpeg at codec_rate; return the decoded signal at sr and the recipe."""
-    src, coded, dec = tmp / "in.wav", tmp / f"coded.{ext}", tmp / "out.wav"
+    src, dec = tmp / "in.wav", tmp / "out.wav"
     sf.write(src, np.clip(resample(x, sr, codec_rate), -1, 1), codec_rate, subtype="PCM_16")
     base = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-threads", "1"]
     cmd1 = ["-i", "in.wav", "-ac", "1", "-ar", str(codec_rate), *enc, f"coded.{ext}"]
