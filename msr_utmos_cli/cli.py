@@ -49,6 +49,8 @@ def score(
     strict: Annotated[bool, typer.Option(help="Exit 1 if any file could not be scored.")] = False,
     fail_under: Annotated[Optional[float], typer.Option(help="Exit 1 if the mean MOS is below this.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    chunk_files: Annotated[int, typer.Option(min=1, hidden=True, help="Files scored per flushed chunk: at "
+                                                                       "most this many are redone after a kill.")] = 64,
 ) -> None:
     """Predict the MOS of audio files at their native sampling rates."""
     import sys
@@ -73,7 +75,7 @@ def score(
     try:
         summary = write_scores(net, paths, out, fmt, resume=resume, recursive=recursive,
                                progress=None if bar is None else lambda rows: bar.update(len(rows)),
-                               batch_size=batch_size, window_s=window, channel=channel)
+                               batch_size=batch_size, window_s=window, channel=channel, chunk_files=chunk_files)
     except OutputError as e:
         raise _err(console, str(e)) from None
     except KeyboardInterrupt:
