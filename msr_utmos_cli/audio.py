@@ -47,8 +47,12 @@ def _cause(e: Exception) -> str:
 def _native(path: str) -> str | bytes:
     """The path libsndfile can open: a regular file (a FIFO or device would block or never end),
     as bytes so names that are not valid UTF-8 still open."""
-    try:
-        mode = os.stat(path).st_mode
+    try:  # opening (not just stat) surfaces "Permission denied" that libsndfile reports as "System error"
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            mode = os.fstat(fd).st_mode
+        finally:
+            os.close(fd)
     except (OSError, ValueError) as e:
         raise AudioError(f"cannot read audio ({getattr(e, 'strerror', None) or e})") from None
     if stat.S_ISDIR(mode):
