@@ -94,6 +94,8 @@ def read_config(folder: Path) -> dict:
         raise ModelLoadError(f"{path}: unreadable config ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("config"), dict):
         raise ModelLoadError(f"{path}: not an msr-utmos model config (expected \"format\": \"{FORMAT}\")")
+    if not isinstance(doc.get("format_version", 0), int):
+        raise ModelLoadError(f"{path}: format_version must be an integer, not {doc['format_version']!r}")
     if doc.get("format_version", 0) > FORMAT_VERSION:
         raise ModelLoadError(f"{path}: format version {doc['format_version']} is newer than this msr-utmos "
                              f"understands ({FORMAT_VERSION}); upgrade msr-utmos")
@@ -155,8 +157,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | torc
     try:
         cfg = ModelConfig.from_dict(doc["config"])
         model = MOSModel(cfg)
-    except (TypeError, ValueError) as e:
-        raise ModelLoadError(f"{folder / CONFIG}: invalid model config ({e})") from None
+    except (TypeError, ValueError, RuntimeError) as e:  # wrong types, negative sizes: one line, not torch's essay
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{folder / CONFIG}: invalid model config ({cause})") from None
     state = load_state(folder)
     try:
         model.load_state_dict(state, strict=True)
