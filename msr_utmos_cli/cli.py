@@ -135,40 +135,50 @@ def distill(
 # --- finetune ----------------------------------------------------------------
 @app.command()
 def finetune(
-    config: Annotated[Path, typer.Option(help="Run config YAML (sections model, data, loss, trainer).")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (model:, data:, loss:, trainer:).")],
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override a config key, e.g. --set trainer.lr=3e-5 (repeatable).")] = None,
     init: Annotated[Optional[str], typer.Option(
-        help="Start from this model folder (distill or finetune checkpoint) or preset (tiny/small/base); "
+        help="Start from this model folder (a distill or finetune checkpoint) or preset (tiny/small/base); "
              "overrides model.init.")] = None,
     wav_root: Annotated[Optional[str], typer.Option(
-        help="Relative audio paths in lists without their own wav_root resolve here (default: the list's folder).")] = None,
+        help="Relative audio paths of lists without their own wav_root resolve here (default: the list's folder).")] = None,
     skip_bad_rows: Annotated[bool, typer.Option(
-        "--skip-bad-rows", help="Drop bad label rows (each still listed) instead of stopping.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from trainer.out_dir/last.")] = False,
+        "--skip-bad-rows", help="Drop bad label rows (each still listed) instead of stopping before training.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from trainer.out_dir/last exactly where it stopped.")] = False,
 ) -> None:
-    """Fine-tune (or pretrain) a MOS predictor on labelled lists; best model in OUT_DIR/best."""
-    from .config import ConfigError
-    from .finetune import run
-    from .labels import LabelError
+    """Fine-tune (or pretrain) the MOS head and SSL model on labelled lists; best model in OUT_DIR/best."""
+    import os
+
     from .checkpoint import ModelLoadError
+    from .config import ConfigError
+    from .labels import LabelError
     from .train import TrainingError
 
+    main = os.environ.get("RANK", "0") == "0"
     try:
-        summary = run(config, set_, init=init, wav_root=wav_root, skip_bad_rows=skip_bad_rows, resume=resume,
-                      log=lambda line: typer.echo(line, err=True))
-    except (ConfigError, LabelError, ModelLoadError, TrainingError) as e:
+        from .finetune import run
+
+        summary = run(config, set_ or [], init=init, wav_root=wav_root, skip_bad_rows=skip_bad_rows, resume=resume,
+                      log=lambda line: typer.echo(line, err=True) if main else None)
+    except (ConfigError, LabelError, ModelLoadError) as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
-    best = summary.get("best")
-    metric = summary.get("select_metric") or "-"
-    typer.echo(f"{summary['step']} steps; best {metric} = {best if best is None else f'{best:.4f}'}; "
-               f"model in {summary['out_dir']}/best"
-               + (f"; predictions in {summary['predictions']}" if summary.get("predictions") else "")
-               + ("; interrupted (continue with --resume)" if summary.get("interrupted") else "")
-               + ("; stopped early" if summary.get("early_stopped") else ""))
-    if summary.get("interrupted"):
+        raise typer.Exit(2) from None
+    except TrainingError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if not main:
+        return
+    out = Path(summary["out_dir"])
+    if summary["interrupted"]:
+        typer.echo(f"interrupted at step {summary['step']}; checkpoint in {out / 'last'} (continue with --resume)",
+                   err=True)
         raise typer.Exit(130)
+    best = f"; best {summary['select_metric']} {summary['best']:.4f} in {out / 'best'}" \
+        if summary.get("best") is not None else ""
+    preds = f"; validation predictions in {summary['predictions']}" if summary.get("predictions") else ""
+    stopped = " (early stop)" if summary.get("early_stopped") else ""
+    typer.echo(f"fine-tuned {summary['step']} steps{stopped}; model in {out / 'last'}{best}{preds}", err=True)
 
 
 # --- report ------------------------------------------------------------------
