@@ -323,7 +323,7 @@ class DistillTask:
                          for c in chunk]
                 b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in collate(items, sr).items()}
                 for k, v in self.item_losses(b).items():
-                    sums[k] = sums.get(k, 0.0) + float(v.sum())
+                    sums[k] = sums.get(k, 0.0) + float(v.detach().sum())
                 count += len(chunk)
         return {f"valid_{k}": v / count for k, v in sorted(sums.items(), key=lambda kv: kv[0] != "loss")}
 

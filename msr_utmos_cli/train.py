@@ -134,21 +134,22 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def _rng_state() -> dict:
+    """RNG states as plain lists of ints (they travel through all_gather_object and weights_only loads)."""
     py = random.getstate()
     np_state = np.random.get_state()
     return {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": [t.tolist() for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(s: dict) -> None:
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
     n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    torch.set_rng_state(s["torch"])
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
     if s.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]])
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,181 @@
+"""Distillation end to end on a tiny teacher and synthetic multi-rate audio (CPU, seconds each)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+from torchaudio.models import wav2vec2_model
+from typer.testing import CliRunner
+
+from msr_utmos_cli import distill
+from msr_utmos_cli.cli import app
+from msr_utmos_cli.teachers import default_params
+
+RATES = [8000, 16000, 22050, 24000, 44100, 48000]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A random tiny wav2vec2 teacher (torchaudio format) and six chirps at six native rates."""
+    root = tmp_path_factory.mktemp("distill")
+    p = default_params(extractor_conv_layer_config=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
+                       encoder_embed_dim=32, encoder_pos_conv_kernel=16, encoder_pos_conv_groups=4,
+                       encoder_num_layers=2, encoder_num_heads=2, encoder_ff_interm_features=64)
+    torch.manual_seed(0)
+    torch.save({"params": p, "state_dict": wav2vec2_model(**p).state_dict()}, root / "teacher.pt")
+    rng = np.random.default_rng(0)
+    (root / "wav").mkdir()
+    for i, sr in enumerate(RATES):
+        t = np.arange(int(sr * (0.8 + 0.3 * i))) / sr
+        x = 0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t * (1 + 0.5 * t)) + 0.05 * rng.standard_normal(t.size)
+        sf.write(root / "wav" / f"f{i}.wav", x.astype(np.float32), sr)
+    return root
+
+
+def overrides(assets, out, steps=6, **extra):
+    sets = {"model.teacher": assets / "teacher.pt", "model.student": "tiny", "data.dirs": f"[{assets / 'wav'}]",
+            "data.crop_s": 0.5, "trainer.out_dir": out, "trainer.max_steps": steps, "trainer.batch_size": 2,
+            "trainer.log_every": 1, "trainer.lr": 3e-3, "trainer.warmup_steps": 1, "trainer.ckpt_every": 3,
+            "model.sfi_fit_steps": 20, **extra}
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def test_student_starts_as_the_teacher_and_the_loss_falls(assets, tmp_path):
+    from msr_utmos_cli.config import load_config
+
+    built, _ = load_config(None, overrides(assets, tmp_path, 1, **{"model.sfi_fit_steps": 300}), distill.SECTIONS)
+    task = distill.DistillTask(built["model"], built["data"], built["trainer"])
+    assert task.init_info["copied_tensors"] > 40 and task.init_info["sfi_fit_rel_error"] < 1e-3
+    # From scratch (no teacher weights), the distillation loss on fixed held-out presentations must fall.
+    sets = overrides(assets, tmp_path / "s", 20, **{"model.init_from_teacher": "false", "data.manifest": "null"})
+    built, _ = load_config(None, sets, distill.SECTIONS)
+    task = distill.DistillTask(built["model"], built["data"], built["trainer"])
+    task.valid_clips = task.clips
+    before = task.validate()["valid_loss"]
+    distill.fit(task, built["trainer"], {})
+    after = task.validate()["valid_loss"]
+    print(f"valid loss {before:.4f} -> {after:.4f}")
+    assert after < 0.7 * before
+
+
+def test_batches_are_deterministic_one_rate_each_and_masked(assets):
+    from msr_utmos_cli.config import load_config
+
+    built, _ = load_config(None, overrides(assets, "unused"), distill.SECTIONS)
+    clips = distill.collect(built["data"], None)
+    a = [next(distill.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, g)) for g in range(4)]
+    b = list(zip(range(4), distill.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 0)))
+    for x, (_, y) in zip(a, b):
+        assert x["sr"] == y["sr"] and torch.equal(x["wave"], y["wave"]) and torch.equal(x["wave16"], y["wave16"])
+        assert (x["bandwidth_hz"] <= x["sr"] / 2).all()
+        for w, n in zip(x["wave"], x["lengths"]):
+            assert (w[n:] == 0).all()
+    # Two ranks with B each see exactly the items one rank with 2B sees.
+    one = next(distill.batch_stream(clips, RATES, 0.5, 4, 0, 1, 0, 1))
+    r0, r1 = (next(distill.batch_stream(clips, RATES, 0.5, 2, r, 2, 0, 1)) for r in (0, 1))
+    assert one["lengths"].tolist() == r0["lengths"].tolist() + r1["lengths"].tolist()
+
+
+def test_resume_after_interruption_is_bitwise_identical(assets, tmp_path, monkeypatch):
+    distill.run(None, overrides(assets, tmp_path / "full", 6))
+    loss = distill.DistillTask.loss
+
+    def interrupting(self, batch, step):  # one Ctrl-C during step 3: the loop checkpoints after it
+        if step == 2 and not getattr(self, "_sent", False):
+            self._sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(self, batch, step)
+
+    monkeypatch.setattr(distill.DistillTask, "loss", interrupting)
+    s = distill.run(None, overrides(assets, tmp_path / "part", 6))
+    assert s["interrupted"] and s["step"] == 3
+    monkeypatch.setattr(distill.DistillTask, "loss", loss)
+    assert distill.run(None, overrides(assets, tmp_path / "part", 6), resume=True)["step"] == 6
+    a = load_file(tmp_path / "full" / "last" / "model.safetensors")
+    b = load_file(tmp_path / "part" / "last" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(tmp_path / "full" / "last" / "trainer_state.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "part" / "last" / "trainer_state.pt", weights_only=True)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # projections too
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+from msr_utmos_cli import distill
+from msr_utmos_cli.config import load_config
+built, resolved = load_config(None, sys.argv[1:], distill.SECTIONS)
+task = distill.DistillTask(built["model"], built["data"], built["trainer"])
+distill.fit(task, built["trainer"], resolved)
+torch.save(task.model.state_dict(), os.path.join(built["trainer"].out_dir, f"rank{os.environ['RANK']}.pt"))
+"""
+
+
+def test_ddp_two_ranks_identical_weights_and_global_batch(assets, tmp_path):
+    (tmp_path / "run.py").write_text(DDP_SCRIPT)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(tmp_path / "run.py"), *overrides(assets, out, 3)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w0, w1 = (torch.load(out / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["global_batch"] == 4
+    # The 2 x 2 run sees the same 4 items as one process with batch 4: same loss, same weights (to rounding).
+    single = tmp_path / "single"
+    distill.run(None, overrides(assets, single, 3, **{"trainer.batch_size": 4}))
+    one = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    assert abs(one[0]["loss"] - recs[0]["loss"]) < 1e-5
+    ws = torch.load(single / "last" / "trainer_state.pt", weights_only=True)["model"]
+    print("max |w_ddp - w_single|:", max((w0[k] - ws[k]).abs().max().item() for k in w0))
+    assert max((w0[k] - ws[k]).abs().max().item() for k in w0) < 1e-3
+
+
+def write_yaml(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_error_names_the_key_exit_2(assets, tmp_path):
+    runner = CliRunner()
+    bad = write_yaml(tmp_path / "bad.yaml", f"model:\n  teacher: {assets / 'teacher.pt'}\ntrainer:\n  out_dir: x\n  lrr: 1\n")
+    r = runner.invoke(app, ["distill", "--config", bad])
+    assert r.exit_code == 2 and "trainer.lrr" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["distill", "--config", bad, "--set", "trainer.lrr=", "--set", "data.rats=[8000]"])
+    assert r.exit_code == 2 and "data.rats" in r.output
+    r = runner.invoke(app, ["distill", "--config", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "missing.yaml" in r.output
+
+
+def test_cli_end_to_end_output_scores(assets, tmp_path):
+    out = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "d.yaml", f"""
+model:
+  teacher: {assets / 'teacher.pt'}
+  student: tiny
+  sfi_fit_steps: 20
+data:
+  dirs: [{assets / 'wav'}]
+  crop_s: 0.5
+trainer:
+  out_dir: {out}
+  max_steps: 2
+  batch_size: 2
+""")
+    r = CliRunner().invoke(app, ["distill", "--config", cfg])
+    assert r.exit_code == 0, r.output
+    assert (out / "last" / "model.safetensors").is_file() and (out / "last" / "run_config.yaml").is_file()
+    meta = json.loads((out / "last" / "config.json").read_text())["metadata"]
+    assert meta["task"] == "distill" and meta["step"] == 2 and meta["run_config"]["trainer"]["max_steps"] == 2
+    r = CliRunner().invoke(app, ["score", str(assets / "wav"), "--model", str(out / "last"), "--quiet",
+                                 "--device", "cpu", "--format", "jsonl"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(RATES)
