@@ -317,3 +317,72 @@ def test_second_writer_is_refused_never_interleaved(files, reference, tiny_model
         assert p.returncode == 2 and "another utmos run is writing this file" in p.stderr
         assert "Traceback" not in p.stderr
     same_rows(out.read_bytes(), reference)
+
+
+# --- the training loop under SIGKILL -------------------------------------------------
+_TRAIN = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from test_train import Toy, cfg
+from msr_utmos_cli.train import fit
+fit(Toy(), cfg({out!r}, max_steps={steps}, ckpt_every=1, log_every=1000), {{}}, resume={resume})
+"""
+
+
+def _newest_checkpoint_loads(out_dir):
+    from safetensors.torch import load_file
+
+    from msr_utmos_cli.train import find_checkpoint, load_trainer_state
+
+    folder = find_checkpoint(out_dir)
+    if folder is None:
+        return 0
+    state = load_trainer_state(folder)
+    load_file(folder / WEIGHTS)
+    return state["step"]
+
+
+def test_training_killed_mid_step_or_mid_checkpoint_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL at random moments of a run that checkpoints every step (so kills land inside
+    checkpoint writes too): the newest checkpoint on disk always loads, and resuming ends on
+    bitwise the weights of an uninterrupted run (CPU)."""
+    test_train = pytest.importorskip("test_train")
+    from msr_utmos_cli.train import fit
+
+    steps, tests = 150, str(Path(__file__).parent)
+    out = tmp_path / "run"
+    rng, kills, last = random.Random(3), 0, 0
+    for attempt in range(3):
+        code = _TRAIN.format(tests=tests, out=str(out), steps=steps, resume=attempt > 0 and last > 0)
+        p = subprocess.Popen([sys.executable, "-c", code], env=ONE_THREAD, stderr=subprocess.PIPE)
+        end = time.monotonic() + 60
+        while p.poll() is None and time.monotonic() < end and not (out / "last").exists():
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.05, 0.6))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait(timeout=60)
+        step = _newest_checkpoint_loads(out)
+        assert step >= last  # never goes back
+        last = step
+    assert kills >= 1 and last < steps
+    resumed = test_train.Toy()
+    assert fit(resumed, test_train.cfg(out, max_steps=steps, ckpt_every=1, log_every=1000), {},
+               resume=True)["step"] == steps
+    full = test_train.Toy()
+    fit(full, test_train.cfg(tmp_path / "full", max_steps=steps, ckpt_every=1, log_every=1000), {})
+    a, b = test_train.weights(full), test_train.weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainer_state_pickle_is_refused(tmp_path):
+    """`--resume` reads trainer_state.pt with weights_only=True: a planted pickle is refused, not run."""
+    from msr_utmos_cli.train import STATE_FILE, TrainingError, load_trainer_state
+
+    marker = tmp_path / "PWNED"
+    torch.save({"step": 1, "evil": _Plant(str(marker))}, tmp_path / STATE_FILE)
+    with pytest.raises(TrainingError, match="cannot resume"):
+        load_trainer_state(tmp_path)
+    assert not marker.exists()
