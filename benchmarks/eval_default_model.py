@@ -1,0 +1,313 @@
+"""Issue 6 acceptance numbers for a model folder: agreement with DistillMOS, rate independence, severity order.
+
+    python benchmarks/eval_default_model.py --model models/<name> --corpus corpus/ [--split test]
+        [--out eval_results.json] [--plots docs/] [--batch-size 16] [--device cpu]
+
+1. Agreement: DistillMOS's MOS on each clip of the split resampled to 16 kHz, vs the student's score on
+   the same clip presented at 8, 16, 22.05, 24, 44.1 and 48 kHz (band-limited resampling from its file
+   rate, so upsampling never widens the content) and at its own file rate ("native"). SRCC, LCC, mean
+   absolute difference. Target: SRCC >= 0.9 at every presentation rate.
+2. Rate independence: every rate_ladder.csv clip scored at each rate it is stored at (no resampling);
+   spread = max - min over rates. Target: mean spread < 0.05 MOS.
+3. Severity order: pairs of clips of the same source utterance (utt_id) with different severity, within
+   one degradation type (a clean clip is severity 0 of every type); the share the student (native rate)
+   and the teacher rank the right way round (more severe -> lower; a tie counts half). The same over
+   group_id (same text, any voice) is reported beside it.
+
+The teacher's outputs are cached beside --out (teacher_distillmos_cache.json, keyed by path and mtime),
+so reruns and other models only pay for the student.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import pearsonr, spearmanr
+
+from msr_utmos_cli import load_model
+from msr_utmos_cli.audio import probe, read_segment, resample
+from msr_utmos_cli.scoring import score_waveforms
+
+RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+TEACHER_RATE = 16000
+TARGET_SRCC, TARGET_SPREAD = 0.9, 0.05
+
+
+def read_rows(csv_path: Path, split: str | None) -> list[dict]:
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return [r for r in csv.DictReader(f) if split is None or r["split"] == split]
+
+
+def load(path: Path) -> tuple[torch.Tensor, int]:
+    info = probe(str(path))
+    return torch.from_numpy(read_segment(info, 0, info.frames)), info.sample_rate
+
+
+# --- teacher -------------------------------------------------------------------------------
+def teacher_scores(paths: list[Path], cache_path: Path, device: str, batch_size: int) -> list[float]:
+    """DistillMOS MOS of each file resampled to 16 kHz; cached by (path, mtime_ns)."""
+    tag = f"distillmos {version('distillmos')}"
+    cache = {}
+    if cache_path.exists():
+        data = json.loads(cache_path.read_text())
+        cache = data.get("scores", {}) if data.get("teacher") == tag else {}
+    keys = [f"{p.resolve()}|{p.stat().st_mtime_ns}" for p in paths]
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    if todo:
+        from msr_utmos_cli.teachers import DistillMOSTeacher
+
+        teacher = DistillMOSTeacher().to(device)
+        seq = teacher.sqa.SEQ_LEN
+        waves = {i: resample(*load(paths[i]), TEACHER_RATE) for i in todo}
+        # A batch is padded to its longest item, and an item longer than one 7.68 s window is cut into
+        # windows of the padded length: so only clips that fit one window share a batch.
+        short = [i for i in todo if waves[i].shape[0] <= seq]
+        groups = [short[j:j + batch_size] for j in range(0, len(short), batch_size)]
+        groups += [[i] for i in todo if waves[i].shape[0] > seq]
+        t0 = time.perf_counter()
+        for g in groups:
+            pad = torch.nn.utils.rnn.pad_sequence([waves[i] for i in g], batch_first=True).to(device)
+            lengths = torch.tensor([waves[i].shape[0] for i in g], device=device)
+            for i, m in zip(g, teacher(pad, lengths)["mos"].cpu().tolist()):
+                cache[keys[i]] = m
+        print(f"teacher: {len(todo)} clips scored in {time.perf_counter() - t0:.1f} s "
+              f"({len(paths) - len(todo)} from cache)", file=sys.stderr)
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"teacher": tag, "scores": cache}, indent=0))
+        os.replace(tmp, cache_path)
+    return [cache[k] for k in keys]
+
+
+# --- student -------------------------------------------------------------------------------
+def student_at_rates(model, paths: list[Path], rates, batch_size: int) -> dict[str, list[float]]:
+    """Student MOS per presentation: {"8000": [...], ..., "native": [...]} (native = the file's own rate)."""
+    audio = [load(p) for p in paths]
+    out: dict[str, list[float]] = {}
+    for rate in rates:
+        waves = [resample(w, sr, rate) for w, sr in audio]
+        out[str(rate)] = score_waveforms(model, waves, rate, batch_size=batch_size)
+    # At a presentation rate equal to the file's rate the input is the file itself: reuse that score.
+    out["native"] = [out[str(sr)][i] if sr in rates else math.nan for i, (_, sr) in enumerate(audio)]
+    by_rate = defaultdict(list)
+    for i, (_, sr) in enumerate(audio):
+        if sr not in rates:
+            by_rate[sr].append(i)
+    for sr, idx in by_rate.items():
+        for i, s in zip(idx, score_waveforms(model, [audio[i][0] for i in idx], sr, batch_size=batch_size)):
+            out["native"][i] = s
+    return out
+
+
+# --- metrics -------------------------------------------------------------------------------
+def agreement(student: list[float], teacher: list[float]) -> dict:
+    s, t = np.asarray(student), np.asarray(teacher)
+    return {"n": len(s), "srcc": float(spearmanr(s, t)[0]), "lcc": float(pearsonr(s, t)[0]),
+            "mad": float(np.abs(s - t).mean()), "bias": float((s - t).mean())}
+
+
+def rate_ladder(model, corpus: Path, batch_size: int) -> dict:
+    rows = read_rows(corpus / "rate_ladder.csv", None)
+    by_rate = defaultdict(list)
+    for r in rows:
+        by_rate[int(r["sample_rate"])].append(r)
+    scores: dict[str, dict[int, float]] = defaultdict(dict)
+    for sr, rs in sorted(by_rate.items()):
+        waves = [load(corpus / r["path"])[0] for r in rs]
+        for r, s in zip(rs, score_waveforms(model, waves, sr, batch_size=batch_size)):
+            scores[r["ladder_id"]][sr] = s
+    spread = {k: max(v.values()) - min(v.values()) for k, v in scores.items()}
+    worst = max(spread, key=spread.get)
+    offset = {sr: statistics.fmean(v[sr] - statistics.fmean(v.values()) for v in scores.values() if sr in v)
+              for sr in sorted(by_rate)}
+    return {"clips": len(scores), "rates": sorted(by_rate), "mean_spread": statistics.fmean(spread.values()),
+            "median_spread": statistics.median(spread.values()), "worst_spread": spread[worst], "worst_clip": worst,
+            "mean_offset_by_rate": {str(k): v for k, v in offset.items()}, "spread": spread,
+            "scores": {k: {str(sr): s for sr, s in v.items()} for k, v in scores.items()}}
+
+
+def severity_pairs(rows: list[dict], key: str) -> list[tuple[int, int, str]]:
+    """(less severe index, more severe index, degradation type) for pairs sharing `key`."""
+    groups = defaultdict(list)
+    for i, r in enumerate(rows):
+        groups[r[key]].append(i)
+    pairs = []
+    for idx in groups.values():
+        for a, b in itertools.combinations(idx, 2):
+            ra, rb = rows[a], rows[b]
+            sa, sb = int(ra["severity"]), int(rb["severity"])
+            types = {ra["degradation"], rb["degradation"]}
+            if sa == sb or (len(types) == 2 and "clean" not in types):
+                continue
+            kind = (types - {"clean"} or types).pop()
+            pairs.append((a, b, kind) if sa < sb else (b, a, kind))
+    return pairs
+
+
+def severity_order(rows: list[dict], student: list[float], teacher: list[float]) -> dict:
+    def share(pairs, s):
+        return statistics.fmean(1.0 if s[a] > s[b] else 0.5 if s[a] == s[b] else 0.0 for a, b, _ in pairs)
+
+    out = {}
+    for key in ("utt_id", "group_id"):
+        pairs = severity_pairs(rows, key)
+        by_type = defaultdict(list)
+        for p in pairs:
+            by_type[p[2]].append(p)
+        out[key] = {"pairs": len(pairs),
+                    "student": share(pairs, student) if pairs else math.nan,
+                    "teacher": share(pairs, teacher) if pairs else math.nan,
+                    "by_type": {k: {"pairs": len(v), "student": share(v, student), "teacher": share(v, teacher)}
+                                for k, v in sorted(by_type.items())}}
+    return out
+
+
+# --- report --------------------------------------------------------------------------------
+def print_tables(res: dict) -> None:
+    print(f"\n## Agreement with DistillMOS ({res['split']} split, {res['n_clips']} clips; teacher at 16 kHz)\n")
+    print("| student input rate | n | SRCC | LCC | mean abs diff | mean diff (student - teacher) |")
+    print("|---|---|---|---|---|---|")
+    for k, a in res["agreement"].items():
+        print(f"| {k} | {a['n']} | {a['srcc']:.3f} | {a['lcc']:.3f} | {a['mad']:.3f} | {a['bias']:+.3f} |")
+    ok = res["targets"]["srcc_min"] >= TARGET_SRCC
+    print(f"\nlowest SRCC over presentation rates: {res['targets']['srcc_min']:.3f} "
+          f"(target >= {TARGET_SRCC}: {'met' if ok else 'NOT met'})")
+    lad = res["rate_ladder"]
+    print(f"\n## Rate independence ({lad['clips']} rate-ladder clips, band-limited < 3.5 kHz, "
+          f"each stored at {', '.join(str(r) for r in lad['rates'])} Hz)\n")
+    print("| mean spread | median spread | worst spread (clip) | target |")
+    print("|---|---|---|---|")
+    print(f"| {lad['mean_spread']:.3f} | {lad['median_spread']:.3f} | {lad['worst_spread']:.3f} "
+          f"({lad['worst_clip']}) | < {TARGET_SPREAD}: {'met' if lad['mean_spread'] < TARGET_SPREAD else 'NOT met'} |")
+    print("\nmean offset from each clip's own mean, by rate: "
+          + ", ".join(f"{r} Hz {v:+.3f}" for r, v in lad["mean_offset_by_rate"].items()))
+    sev = res["severity"]
+    print("\n## Severity order (share of same-utterance pairs ranked more severe -> lower; ties count half)\n")
+    print("| degradation | pairs | student (native rate) | DistillMOS (16 kHz) |")
+    print("|---|---|---|---|")
+    for k, v in sev["utt_id"]["by_type"].items():
+        print(f"| {k} | {v['pairs']} | {v['student']:.2f} | {v['teacher']:.2f} |")
+    for key, label in (("utt_id", "**all, same utterance**"), ("group_id", "all, same text (any voice)")):
+        v = sev[key]
+        print(f"| {label} | {v['pairs']} | {v['student']:.2f} | {v['teacher']:.2f} |")
+    rt = res["runtime_s"]
+    print(f"\nruntime {rt['total']:.0f} s wall, {rt['cpu_total']:.0f} s CPU on {res['threads']} threads "
+          f"(load average {res['load_avg_1min'][0]:.1f} -> {res['load_avg_1min'][1]:.1f}; "
+          f"teacher {rt['teacher']:.0f} s, student {rt['student']:.0f} s, rate ladder {rt['rate ladder']:.0f} s)")
+
+
+def plot(res: dict, teacher: list[float], student: dict, folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = [str(r) for r in RATES]
+    fig, axes = plt.subplots(2, 3, figsize=(11, 7), sharex=True, sharey=True)
+    for ax, k in zip(axes.flat, keys):
+        a = res["agreement"][k]
+        ax.scatter(teacher, student[k], s=8, alpha=0.6)
+        ax.plot([1, 5], [1, 5], "k--", lw=0.8)
+        ax.set_title(f"{int(k) / 1000:g} kHz: SRCC {a['srcc']:.3f}, MAD {a['mad']:.2f}", fontsize=10)
+    for ax in axes[-1]:
+        ax.set_xlabel("DistillMOS (16 kHz)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("student")
+    fig.suptitle(f"{res['model_name']}: student vs teacher, {res['split']} split ({res['n_clips']} clips)")
+    fig.tight_layout()
+    p1 = folder / "eval_agreement.png"
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+
+    lad = res["rate_ladder"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 2.5]})
+    a1.boxplot(list(lad["spread"].values()))
+    a1.axhline(TARGET_SPREAD, color="r", ls="--", lw=0.8, label=f"target mean < {TARGET_SPREAD}")
+    a1.set_xticks([1], ["spread"])
+    a1.set_ylabel("max - min MOS over rates")
+    a1.legend(fontsize=8)
+    for cid, sc in lad["scores"].items():
+        rs = sorted(sc, key=int)
+        a2.plot([int(r) / 1000 for r in rs], [sc[r] for r in rs], marker="o", ms=3, lw=0.8, alpha=0.7)
+    a2.set_xlabel("presented rate (kHz)")
+    a2.set_ylabel("student MOS")
+    a2.set_title(f"{lad['clips']} clips band-limited < 3.5 kHz: mean spread {lad['mean_spread']:.3f}")
+    fig.tight_layout()
+    p2 = folder / "eval_rate_ladder.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [str(p1), str(p2)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="model folder or bundled model name")
+    ap.add_argument("--corpus", type=Path, default=Path("corpus"))
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--out", type=Path, default=Path("eval_results.json"))
+    ap.add_argument("--plots", type=Path, default=None, help="folder for eval_agreement.png, eval_rate_ladder.png")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-clips", type=int, default=0, help="first N clips of the split only (smoke runs)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+
+    t_start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    runtime = {}
+    rows = read_rows(args.corpus / "manifest.csv", args.split)
+    if args.max_clips:
+        rows = rows[:args.max_clips]
+    if not rows:
+        sys.exit(f"no clips in split {args.split!r} of {args.corpus / 'manifest.csv'}")
+    paths = [args.corpus / r["path"] for r in rows]
+    model = load_model(args.model, args.device)
+
+    t0 = time.perf_counter()
+    teacher = teacher_scores(paths, args.out.resolve().parent / "teacher_distillmos_cache.json", args.device,
+                             args.batch_size)
+    runtime["teacher"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    student = student_at_rates(model, paths, RATES, args.batch_size)
+    runtime["student"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ladder = rate_ladder(model, args.corpus, args.batch_size)
+    runtime["rate ladder"] = time.perf_counter() - t0
+
+    agree = {str(r): agreement(student[str(r)], teacher) for r in RATES}
+    agree["native"] = agreement(student["native"], teacher)
+    res = {"model": str(args.model), "model_name": Path(str(args.model)).name, "corpus": str(args.corpus),
+           "split": args.split, "n_clips": len(rows), "device": args.device, "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "load_avg_1min": [load_start, os.getloadavg()[0]],
+           "machine": platform.platform(), "agreement": agree,
+           "targets": {"srcc_min": min(agree[str(r)]["srcc"] for r in RATES), "srcc_target": TARGET_SRCC,
+                       "mean_spread": ladder["mean_spread"], "spread_target": TARGET_SPREAD},
+           "rate_ladder": ladder, "severity": severity_order(rows, student["native"], teacher),
+           "clips": [{"path": r["path"], "sample_rate": int(r["sample_rate"]), "degradation": r["degradation"],
+                      "severity": int(r["severity"]), "teacher": teacher[i],
+                      **{k: v[i] for k, v in student.items()}} for i, r in enumerate(rows)]}
+    if args.plots:
+        res["plots"] = plot(res, teacher, student, args.plots)
+    runtime["total"] = time.perf_counter() - t_start
+    runtime["cpu_total"] = time.process_time() - cpu_start  # all threads: wall time on an idle machine ~ cpu / cores
+    res["runtime_s"] = runtime
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1))
+    print_tables(res)
+    print(f"wrote {args.out}" + (f" and {', '.join(res['plots'])}" if args.plots else ""))
+
+
+if __name__ == "__main__":
+    main()

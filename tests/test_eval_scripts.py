@@ -1,0 +1,79 @@
+"""Smoke tests of the issue-6 measurement scripts on a tiny random model and a synthetic corpus."""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from conftest import speechlike
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_peers  # noqa: E402
+import eval_default_model as ev  # noqa: E402
+
+from msr_utmos_cli import load_model  # noqa: E402
+
+FIELDS = ["path", "sample_rate", "split", "utt_id", "group_id", "degradation", "severity"]
+
+
+def row(utt, deg, sev, group="g"):
+    return {"utt_id": utt, "group_id": group, "degradation": deg, "severity": str(sev)}
+
+
+def test_severity_pairs_same_type_or_clean():
+    rows = [row("u1", "clean", 0), row("u1", "noise_white", 3),  # clean vs noise: a noise pair
+            row("u2", "packet_loss", 1), row("u2", "packet_loss", 3),  # same type
+            row("u3", "noise_white", 2), row("u3", "clipping", 3),  # two types: no pair
+            row("u4", "packet_loss", 3), row("u4", "packet_loss", 3)]  # same severity: no pair
+    assert sorted(ev.severity_pairs(rows, "utt_id")) == [(0, 1, "noise_white"), (2, 3, "packet_loss")]
+    res = ev.severity_order(rows, student=[4, 2, 3, 3.5, 0, 0, 0, 0], teacher=[4, 2, 3, 2, 0, 0, 0, 0])
+    assert res["utt_id"]["student"] == 0.5 and res["utt_id"]["teacher"] == 1.0
+    assert res["utt_id"]["by_type"]["packet_loss"]["pairs"] == 1
+
+
+def test_agreement_perfect_rank():
+    a = ev.agreement([1.0, 2.0, 3.0], [1.5, 2.5, 4.0])
+    assert a["srcc"] == pytest.approx(1.0) and a["mad"] == pytest.approx(2 / 3)
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    rates = [8000, 16000, 32000]
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS)
+        w.writeheader()
+        for i, sr in enumerate(rates):
+            p = f"audio/{i}.wav"
+            (tmp_path / "audio").mkdir(exist_ok=True)
+            sf.write(tmp_path / p, speechlike(sr, 1.0, seed=i), sr)
+            w.writerow({"path": p, "sample_rate": sr, "split": "test", "utt_id": "u", "group_id": "u",
+                        "degradation": "clean" if i == 0 else "noise_white", "severity": i})
+    with open(tmp_path / "rate_ladder.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["ladder_id", "path", "sample_rate"])
+        w.writeheader()
+        for sr in (8000, 16000, 48000):
+            p = f"rate_ladder/a/{sr}.wav"
+            (tmp_path / "rate_ladder/a").mkdir(parents=True, exist_ok=True)
+            sf.write(tmp_path / p, speechlike(sr, 1.0, seed=5, bandwidth=3500), sr)
+            w.writerow({"ladder_id": "a", "path": p, "sample_rate": sr})
+    return tmp_path
+
+
+def test_student_and_ladder_on_tiny_model(tiny_model_dir, tiny_corpus):
+    model = load_model(tiny_model_dir, "cpu")
+    rows = ev.read_rows(tiny_corpus / "manifest.csv", "test")
+    paths = [tiny_corpus / r["path"] for r in rows]
+    out = ev.student_at_rates(model, paths, (8000, 16000, 48000), batch_size=2)
+    assert set(out) == {"8000", "16000", "48000", "native"}
+    assert out["native"][0] == out["8000"][0] and out["native"][1] == out["16000"][1]  # reused, not rescored
+    assert all(1 <= s <= 5 for v in out.values() for s in v)
+    lad = ev.rate_ladder(model, tiny_corpus, batch_size=4)
+    assert lad["clips"] == 1 and lad["rates"] == [8000, 16000, 48000] and lad["worst_spread"] >= 0
+
+
+def test_bench_peers_picks_spread_files(tiny_corpus):
+    files = bench_peers.pick_files(tiny_corpus, 2)
+    assert len(files) == 2 and all(p.exists() for p in files)
