@@ -345,6 +345,8 @@ def run(config: str | os.PathLike | None, overrides: list[str] | None = None, in
     scale = (d.scale[0], d.scale[1])
     train = load_corpora(d.train, "data.train", wav_root, scale, skip_bad_rows, log)
     valid = load_corpora(d.valid, "data.valid", wav_root, scale, skip_bad_rows, log) if d.valid else []
+    if valid and any(u.domain != 0 for u in valid):
+        log("note: `utmos score` predicts with domain 0; validation here uses each corpus's own domain id")
     if valid and d.select_metric.startswith("sys_") and len({u.system for u in valid}) < 3:
         log(f"note: the validation set has fewer than 3 systems; selecting by utt_{d.select_metric[4:]}")
         d.select_metric = resolved["data"]["select_metric"] = "utt_" + d.select_metric[4:]

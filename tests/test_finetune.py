@@ -104,10 +104,10 @@ def test_best_is_a_scoring_model_and_predictions_are_readable(trained, data):
 
 
 def test_resume_is_exact(data, tmp_path, monkeypatch):
-    cfg = write_config(tmp_path / "ft.yaml", data, tmp_path / "full", max_steps=6, ckpt_every=3, valid_every=100)
+    cfg = write_config(tmp_path / "ft.yaml", data, tmp_path / "full", max_steps=4, ckpt_every=2, valid_every=100)
     overrides = ["data.valid=[]", "data.present_rates=[8000,16000]", "data.present_prob=1.0"]
     run(cfg, overrides, log=lambda s: None)
-    interrupt_at = {"step": 3}
+    interrupt_at = {"step": 2}
     loss = FinetuneTask.loss
 
     def interrupted(self, batch, step):
@@ -119,7 +119,7 @@ def test_resume_is_exact(data, tmp_path, monkeypatch):
     cut = [*overrides, f"trainer.out_dir={tmp_path / 'cut'}"]
     assert run(cfg, cut, log=lambda s: None)["interrupted"]
     monkeypatch.setattr(FinetuneTask, "loss", loss)
-    assert run(cfg, cut, resume=True, log=lambda s: None)["step"] == 6
+    assert run(cfg, cut, resume=True, log=lambda s: None)["step"] == 4
     a = load_file(tmp_path / "full" / "last" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "last" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -222,3 +222,15 @@ def test_batches_are_deterministic_and_resume_where_they_left_off(data, tmp_path
     assert all(b["wave"].shape[0] <= 4 for b in first)
     two = [b for _, b in zip(range(5), task.batches(1, 2, seed=0, start=0))]  # rank 1 of 2: its own half
     assert not torch.equal(two[0]["mos"], first[0]["mos"]) or not torch.equal(two[0]["wave"], first[0]["wave"])
+
+
+@pytest.mark.parametrize("name", ["finetune_example", "pretrain_large_mos", "finetune_amc2025_track3"])
+def test_shipped_configs_parse(name):
+    from msr_utmos_cli.config import build
+    from msr_utmos_cli.finetune import Corpus
+
+    path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+    built, _ = load_config(path, [], SECTIONS)
+    for i, spec in enumerate(built["data"].train + built["data"].valid):
+        build(Corpus, spec, f"data[{i}]")
+    built["trainer"].validate()
