@@ -42,6 +42,10 @@ class DistillModel:
     mos_weight: float = 1.0  # weight of the MOS term (teachers with a score only)
     mos_loss: str = "l1"  # l1 | mse
     sfi_fit_steps: int = 300  # Adam refinement steps when fitting the SFI layer to the teacher's first conv
+    # CSV (path,teacher_mos; paths relative to the CSV) from scripts/label_with_teacher.py: the teacher's MOS
+    # of each whole clip at 16 kHz, computed once. Replaces running the teacher every step (on a CPU the
+    # teacher costs more than the student); output distillation only, clips without a label are left out.
+    teacher_labels: str | None = None
 
 
 @dataclass
@@ -67,6 +71,24 @@ SECTIONS = {"model": DistillModel, "data": DistillData, "trainer": TrainConfig}
 class Clip:
     info: audio.AudioInfo
     bandwidth_hz: float  # real audio bandwidth (a file may be an upsampled narrower one)
+    label: float | None = None  # the teacher's MOS of the whole clip, when read from model.teacher_labels
+
+
+def read_teacher_labels(path: str | os.PathLike) -> dict[str, float]:
+    """path -> teacher MOS, with paths resolved against the CSV's folder."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise ConfigError(f"model.teacher_labels: cannot read {path} ({e.strerror})") from None
+    out = {}
+    for i, r in enumerate(rows, start=2):
+        try:
+            out[str((path.parent / r["path"]).resolve())] = float(r["teacher_mos"])
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"model.teacher_labels: {path} row {i}: needs path and numeric teacher_mos") from None
+    return out
 
 
 def _manifest_rows(path: Path, split: str | None) -> list[tuple[str, float | None]]:
@@ -86,8 +108,9 @@ def _manifest_rows(path: Path, split: str | None) -> list[tuple[str, float | Non
     return out
 
 
-def collect(data: DistillData, split: str | None) -> list[Clip]:
-    """All usable clips in a stable order (sorted paths); unreadable or too short files are skipped."""
+def collect(data: DistillData, split: str | None, labels: dict[str, float] | None = None) -> list[Clip]:
+    """All usable clips in a stable order (sorted paths); unreadable or too short files are skipped, and so
+    are clips without a label when `labels` is given."""
     items: list[tuple[str, float | None]] = []
     for d in data.dirs:
         if not Path(d).is_dir():
@@ -107,17 +130,22 @@ def collect(data: DistillData, split: str | None) -> list[Clip]:
             info = audio.probe(path)
         except audio.AudioError:
             continue
+        if labels is not None and path not in labels:
+            continue
         if info.duration >= data.min_s:
-            clips.append(Clip(info, min(bw or info.sample_rate / 2, info.sample_rate / 2)))
+            clips.append(Clip(info, min(bw or info.sample_rate / 2, info.sample_rate / 2),
+                              None if labels is None else labels[path]))
     return clips
 
 
-def present(clip: Clip, start: int, stop: int, sr: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Samples [start, stop) at rate `sr` (band-limited resampling) and at 16 kHz for the teacher, and
-    the bandwidth they really have: upsampling never adds content above the native Nyquist."""
+def present(clip: Clip, start: int, stop: int, sr: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Samples [start, stop) at rate `sr` (band-limited resampling), at 16 kHz for the teacher (empty when
+    the teacher's labels are cached), the bandwidth they really have (upsampling never adds content above
+    the native Nyquist) and the cached label (NaN when none)."""
     x = torch.from_numpy(audio.read_segment(clip.info, start, stop).copy())
     y = audio.resample(x, clip.info.sample_rate, sr)
-    return y, audio.resample(y, sr, SAMPLE_RATE), min(clip.bandwidth_hz, sr / 2)
+    y16 = audio.resample(y, sr, SAMPLE_RATE) if clip.label is None else y.new_zeros(0)
+    return y, y16, min(clip.bandwidth_hz, sr / 2), math.nan if clip.label is None else clip.label
 
 
 def _pad(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,11 +156,11 @@ def _pad(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lengths
 
 
-def collate(items: list[tuple[torch.Tensor, torch.Tensor, float]], sr: int) -> dict:
+def collate(items: list[tuple[torch.Tensor, torch.Tensor, float, float]], sr: int) -> dict:
     wave, lengths = _pad([i[0] for i in items])
     wave16, lengths16 = _pad([i[1] for i in items])
     return {"wave": wave, "lengths": lengths, "sr": sr, "wave16": wave16, "lengths16": lengths16,
-            "bandwidth_hz": torch.tensor([i[2] for i in items])}
+            "bandwidth_hz": torch.tensor([i[2] for i in items]), "teacher_mos": torch.tensor([i[3] for i in items])}
 
 
 def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size: int, rank: int, world: int,
@@ -244,24 +272,33 @@ class DistillTask:
         if not data.rates:
             raise ConfigError("data.rates: empty")
         self.m, self.data, self.trainer = m, data, trainer
-        self.teacher = teacher if teacher is not None else load_teacher(m.teacher, m.teacher_kind)
-        self.clips = collect(data, data.split)
+        labels = read_teacher_labels(m.teacher_labels) if m.teacher_labels else None
+        if labels is not None and m.layers:
+            raise ConfigError("model.layers: feature distillation needs the live teacher; "
+                              "with model.teacher_labels only the MOS is distilled (set layers: [])")
+        self.teacher = None if labels is not None else (
+            teacher if teacher is not None else load_teacher(m.teacher, m.teacher_kind))
+        self.clips = collect(data, data.split, labels)
         if not self.clips:
-            raise ConfigError("data: no readable audio found in data.dirs / data.lists / data.manifest")
-        self.valid_clips = collect(data, data.valid_split)[: data.valid_items] if data.valid_split else []
+            raise ConfigError("data: no readable (and, with model.teacher_labels, labelled) audio found in "
+                              "data.dirs / data.lists / data.manifest")
+        self.valid_clips = collect(data, data.valid_split, labels)[: data.valid_items] if data.valid_split else []
         torch.manual_seed(trainer.seed)
         student = MOSModel(student_config(m, self.teacher))
-        self.init_info = {}
+        self.init_info = {"train_clips": len(self.clips)}
         if m.init_from_teacher and isinstance(self.teacher, Wav2Vec2Teacher):
-            self.init_info = init_from_teacher(student, self.teacher, m.sfi_fit_steps)
-        probe = self.teacher(torch.zeros(1, SAMPLE_RATE))
-        tdims = [x.shape[-1] for x in probe["layers"]]
-        pairs = m.layers if m.layers is not None else self.default_pairs(student.cfg.num_layers, len(tdims) - 1)
+            self.init_info.update(init_from_teacher(student, self.teacher, m.sfi_fit_steps))
+        if self.teacher is None:
+            tdims, pairs = [], []
+        else:
+            probe = self.teacher(torch.zeros(1, SAMPLE_RATE))
+            tdims = [x.shape[-1] for x in probe["layers"]]
+            pairs = m.layers if m.layers is not None else self.default_pairs(student.cfg.num_layers, len(tdims) - 1)
         for s, t in pairs:
             if not (0 <= s <= student.cfg.num_layers and 0 <= t < len(tdims)):
                 raise ConfigError(f"model.layers: pair [{s}, {t}] out of range (student 0-{student.cfg.num_layers}, "
                                   f"teacher 0-{len(tdims) - 1})")
-        self.use_mos = self.teacher.has_mos and m.mos_weight > 0
+        self.use_mos = (self.teacher is None or self.teacher.has_mos) and m.mos_weight > 0
         self.model = Distiller(student, [list(p) for p in pairs], tdims)
 
     def default_pairs(self, n_student: int, n_teacher: int) -> list[list[int]]:
@@ -272,7 +309,8 @@ class DistillTask:
         return [[0, 0]] + [[i, round(i * n_teacher / n_student)] for i in range(1, n_student + 1)]
 
     def set_device(self, device: torch.device) -> None:
-        self.teacher.to(device)
+        if self.teacher is not None:
+            self.teacher.to(device)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
@@ -286,7 +324,8 @@ class DistillTask:
 
     def item_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per-item loss terms (B,) so that averages over ranks equal averages over the global batch."""
-        t = self.teacher(batch["wave16"], batch["lengths16"])
+        t = {"mos": batch["teacher_mos"], "layers": []} if self.teacher is None else \
+            self.teacher(batch["wave16"], batch["lengths16"])
         feats, n, mos = self.model(batch["wave"], batch["lengths"], batch["sr"], self.use_mos)
         B = batch["wave"].shape[0]
         zero = batch["wave"].new_zeros(B)
@@ -328,7 +367,8 @@ class DistillTask:
         return {f"valid_{k}": v / count for k, v in sorted(sums.items(), key=lambda kv: kv[0] != "loss")}
 
     def export(self, folder: Path, metadata: dict) -> None:
-        meta = {**metadata, "task": "distill", "teacher": self.m.teacher, "teacher_kind": self.teacher.name,
+        meta = {**metadata, "task": "distill", "teacher": self.m.teacher,
+                "teacher_kind": self.teacher.name if self.teacher is not None else "cached labels",
                 "layer_pairs": self.model.pairs, "rates": self.data.rates, **self.init_info}
         save_model(self.model.student, folder, meta)
 

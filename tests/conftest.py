@@ -1,12 +1,19 @@
 """Shared fixtures: tiny random models and synthetic audio made on the fly (nothing is downloaded)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
 from msr_utmos_cli import MOSModel, PRESETS, save_model
+
+# One thread per test process: the suite's models are tiny, CI has 2 cores, and an oversubscribed
+# OpenMP pool (a busy machine, or the 2-process DDP test) is many times slower than one thread.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

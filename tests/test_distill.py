@@ -179,3 +179,26 @@ trainer:
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == len(RATES)
+
+
+def test_cached_teacher_labels_distil_the_mos_without_running_the_teacher(assets, tmp_path):
+    """model.teacher_labels: the student learns the cached clip-level teacher MOS; no teacher is loaded."""
+    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli import load_model
+
+    labels = tmp_path / "labels.csv"
+    wavs = sorted((assets / "wav").glob("*.wav"))
+    labels.write_text("path,teacher_mos\n" + "".join(f"{p},4.6\n" for p in wavs[:-1]))  # an untrained head says ~3
+    sets = overrides(assets, tmp_path / "run", 15, **{"model.teacher": "no-such-teacher", "model.teacher_labels": labels,
+                                                     "model.init_from_teacher": "false", "model.mos_loss": "mse"})
+    built, _ = load_config(None, sets, distill.SECTIONS)
+    task = distill.DistillTask(built["model"], built["data"], built["trainer"])
+    assert task.teacher is None and len(task.clips) == len(wavs) - 1  # the unlabelled file is left out
+    task.valid_clips = task.clips
+    before = task.validate()["valid_mos"]
+    distill.fit(task, built["trainer"], {})
+    after = task.validate()["valid_mos"]
+    print(f"valid MOS MSE {before:.3f} -> {after:.3f}")
+    assert after < 0.5 * before
+    model = load_model(tmp_path / "run" / "last", "cpu")
+    assert model.metadata["teacher_kind"] == "cached labels"

@@ -1,0 +1,73 @@
+"""Label audio with a teacher's MOS once, so distillation on a CPU does not rerun the teacher every step.
+
+    python scripts/label_with_teacher.py --manifest corpus/manifest.csv --out corpus/teacher_distillmos.csv
+
+The teacher hears each whole clip resampled to 16 kHz (torchaudio), as its own users would
+feed it. Rows already in --out are kept (the job can be stopped and restarted).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import soundfile as sf
+import torch
+
+from msr_utmos_cli.audio import resample
+from msr_utmos_cli.teachers import load_teacher
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--manifest", required=True, help="CSV with a `path` column (relative to its folder)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--teacher", default="distillmos")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--window-s", type=float, default=7.68, help="the teacher's window (DistillMOS: 7.68 s)")
+    ap.add_argument("--splits", default="", help="comma-separated `split` values to label (default: all)")
+    args = ap.parse_args()
+    root = Path(args.manifest).parent
+    rows = list(csv.DictReader(open(args.manifest, newline="")))
+    if args.splits:
+        keep = set(args.splits.split(","))
+        rows = [r for r in rows if r.get("split") in keep]
+    done = set()
+    if os.path.exists(args.out):
+        done = {r["path"] for r in csv.DictReader(open(args.out, newline=""))}
+    # Clips longer than one teacher window are labelled alone: the teacher windows a batch by its
+    # longest item, so a short clip next to a long one would be judged on its zero padding.
+    todo = sorted((r["path"] for r in rows if r["path"] not in done),
+                  key=lambda p: float(next(r["duration_s"] for r in rows if r["path"] == p)))
+    teacher = load_teacher(args.teacher)
+    new = not os.path.exists(args.out) or os.path.getsize(args.out) == 0
+    t0 = time.perf_counter()
+    with open(args.out, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["path", "teacher_mos"])
+        i = 0
+        while i < len(todo):
+            paths = todo[i:i + args.batch_size]
+            if sf.info(str(root / paths[-1])).duration > args.window_s:
+                paths = paths[:1]
+            i += len(paths)
+            waves = []
+            for p in paths:
+                x, sr = sf.read(root / p, dtype="float32", always_2d=True)
+                waves.append(resample(torch.from_numpy(x.mean(1)), sr, 16000))
+            lengths = torch.tensor([len(x) for x in waves])
+            batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+            with torch.inference_mode():
+                mos = teacher(batch, lengths)["mos"].tolist()
+            w.writerows([p, f"{m:.5f}"] for p, m in zip(paths, mos))
+            f.flush()
+            print(f"{i}/{len(todo)} clips, {time.perf_counter() - t0:.0f} s", file=sys.stderr, end="\r")
+    print(file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
