@@ -77,6 +77,7 @@ def small() -> ModelConfig:
     return ModelConfig(sfi_channels=64, conv_layers=[[128, 3, 2], [128, 3, 2], [256, 3, 2], [256, 3, 2],
                                                      [256, 2, 2], [256, 2, 2]],
                        embed_dim=192, pos_conv_kernel=64, pos_conv_groups=16, num_layers=4, num_heads=4, ff_dim=768,
+                       layer_norm_first=True,  # pre-LN: trains from scratch without collapsing
                        lstm_hidden=128, head_hidden=256)
 
 
