@@ -96,3 +96,25 @@ def test_no_default_model_message(monkeypatch, tmp_path):
     monkeypatch.setattr(ck, "models_dir", lambda: tmp_path)
     with pytest.raises(ModelLoadError, match="no default model is installed"):
         load_model(None)
+
+
+def test_hub_models_load_through_snapshot_download(monkeypatch, tiny_model_dir):
+    """hf:owner/repo[@rev] goes through huggingface_hub (faked here with a local folder; no network)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, tuple(allow_patterns)))
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    m = load_model("hf:someone/tiny-utmos@v1", "cpu")
+    assert calls == [("someone/tiny-utmos", "v1", ("model.safetensors", "config.json", "*.md"))]
+    assert m.source == str(tiny_model_dir)
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ModelLoadError, match="offline, pass a local model folder"):
+        load_model("hf:someone/tiny-utmos")
