@@ -118,3 +118,12 @@ def test_hub_models_load_through_snapshot_download(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(ModelLoadError, match="offline, pass a local model folder"):
         load_model("hf:someone/tiny-utmos")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_cuda_scores_match_cpu(tiny_model_dir):
+    x = speechlike(24000, 2.0, seed=4)
+    cpu = load_model(tiny_model_dir, "cpu").score(x, 24000)
+    gpu = load_model(tiny_model_dir, "cuda").score(x, 24000)
+    assert load_model(tiny_model_dir).device.type == "cuda"  # the default device is CUDA when available
+    assert torch.allclose(cpu, gpu, atol=1e-3)
