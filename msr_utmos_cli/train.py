@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -56,14 +56,6 @@ class TrainConfig:
     seed: int = 0  # seeds init, data order and dropout
     device: str = "auto"  # auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU
     patience: int = 0  # stop after this many validations without improvement (0: never)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown trainer key(s): {', '.join(unknown)}")
-        return cls(**d)
 
     def validate(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "ckpt_every", "log_every")
