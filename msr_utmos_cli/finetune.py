@@ -20,7 +20,7 @@ import torch
 from . import audio
 from .checkpoint import ModelLoadError, atomic_write, load_model, save_model
 from .config import ConfigError, build, load_config
-from .labels import LAYOUTS, LabelError, Problem, Utterance, read_labels
+from .labels import LAYOUTS, LabelError, Utterance, read_labels
 from .metrics import mos_metrics
 from .model import PRESETS, MOSModel, clip_mos
 from .train import TrainConfig, fit

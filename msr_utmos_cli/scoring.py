@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .audio import AUDIO_EXTENSIONS, SILENCE_PEAK, AudioError, AudioInfo, probe, read_segment
+from .audio import AUDIO_EXTENSIONS, SILENCE_PEAK, AudioError, probe, read_segment
 from .model import MOSModel, clip_mos
 
 DEFAULT_WINDOW_S = 20.0
