@@ -95,73 +95,19 @@ def score(
         raise _err(console, f"mean MOS {summary['mean_mos']:.3f} is below --fail-under {fail_under}", 1)
 
 
-# --- distill -----------------------------------------------------------------
-@app.command()
-def distill(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (model:, data:, trainer:).")],
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a config key, e.g. --set trainer.lr=3e-4 (repeatable).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from trainer.out_dir/last exactly where it stopped.")] = False,
-) -> None:
-    """Train an SFI student from a 16 kHz teacher (launch under torchrun for several processes)."""
+# --- distill and finetune ----------------------------------------------------
+def _train(run, user_errors: tuple, verb: str) -> None:
+    """Run a training command and print its outcome; the same exit codes for distill and finetune:
+    2 bad config/data/model, 1 training failure (NaN), 130 interrupted (checkpoint kept)."""
     import os
 
     from .config import ConfigError
-    from .teachers import TeacherError
     from .train import TrainingError
 
     main = os.environ.get("RANK", "0") == "0"
     try:
-        from .distill import run
-
-        summary = run(config, set_ or [], resume=resume)
-    except (ConfigError, TeacherError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except TrainingError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
-    if not main:
-        return
-    last = Path(summary["out_dir"]) / "last"
-    if summary["interrupted"]:
-        typer.echo(f"interrupted at step {summary['step']}; checkpoint in {last} (continue with --resume)", err=True)
-        raise typer.Exit(130)
-    best = f"; best {summary['select_metric']} {summary['best']:.4f} in {last.parent / 'best'}" \
-        if summary.get("best") is not None else ""
-    typer.echo(f"distilled {summary['step']} steps; model in {last}{best}", err=True)
-
-
-# --- finetune ----------------------------------------------------------------
-@app.command()
-def finetune(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (model:, data:, loss:, trainer:).")],
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a config key, e.g. --set trainer.lr=3e-5 (repeatable).")] = None,
-    init: Annotated[Optional[str], typer.Option(
-        help="Start from this model folder (a distill or finetune checkpoint) or preset (tiny/small/base); "
-             "overrides model.init.")] = None,
-    wav_root: Annotated[Optional[str], typer.Option(
-        help="Relative audio paths of lists without their own wav_root resolve here (default: the list's folder).")] = None,
-    skip_bad_rows: Annotated[bool, typer.Option(
-        "--skip-bad-rows", help="Drop bad label rows (each still listed) instead of stopping before training.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue from trainer.out_dir/last exactly where it stopped.")] = False,
-) -> None:
-    """Fine-tune (or pretrain) the MOS head and SSL model on labelled lists; best model in OUT_DIR/best."""
-    import os
-
-    from .checkpoint import ModelLoadError
-    from .config import ConfigError
-    from .labels import LabelError
-    from .train import TrainingError
-
-    main = os.environ.get("RANK", "0") == "0"
-    try:
-        from .finetune import run
-
-        summary = run(config, set_ or [], init=init, wav_root=wav_root, skip_bad_rows=skip_bad_rows, resume=resume,
-                      log=lambda line: typer.echo(line, err=True) if main else None)
-    except (ConfigError, LabelError, ModelLoadError) as e:
+        summary = run(lambda line: typer.echo(line, err=True) if main else None)
+    except (ConfigError, *user_errors) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     except TrainingError as e:
@@ -178,7 +124,52 @@ def finetune(
         if summary.get("best") is not None else ""
     preds = f"; validation predictions in {summary['predictions']}" if summary.get("predictions") else ""
     stopped = " (early stop)" if summary.get("early_stopped") else ""
-    typer.echo(f"fine-tuned {summary['step']} steps{stopped}; model in {out / 'last'}{best}{preds}", err=True)
+    typer.echo(f"{verb} {summary['step']} steps{stopped}; model in {out / 'last'}{best}{preds}", err=True)
+
+
+@app.command()
+def distill(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (model:, data:, trainer:).")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a config key, e.g. --set trainer.lr=3e-4 (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from trainer.out_dir/last exactly where it stopped.")] = False,
+) -> None:
+    """Train an SFI student from a 16 kHz teacher (launch under torchrun for several processes)."""
+    from .teachers import TeacherError
+
+    def run(log):
+        from .distill import run
+
+        return run(config, set_ or [], resume=resume)
+
+    _train(run, (TeacherError,), "distilled")
+
+
+@app.command()
+def finetune(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (model:, data:, loss:, trainer:).")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a config key, e.g. --set trainer.lr=3e-5 (repeatable).")] = None,
+    init: Annotated[Optional[str], typer.Option(
+        help="Start from this model folder (a distill or finetune checkpoint) or preset (tiny/small/base); "
+             "overrides model.init.")] = None,
+    wav_root: Annotated[Optional[str], typer.Option(
+        help="Relative audio paths of lists without their own wav_root resolve here (default: the list's folder).")] = None,
+    skip_bad_rows: Annotated[bool, typer.Option(
+        "--skip-bad-rows", help="Drop bad label rows (each still listed) instead of stopping before training.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from trainer.out_dir/last exactly where it stopped.")] = False,
+) -> None:
+    """Fine-tune (or pretrain) the MOS head and SSL model on labelled lists; best model in OUT_DIR/best."""
+    from .checkpoint import ModelLoadError
+    from .labels import LabelError
+
+    def run(log):
+        from .finetune import run
+
+        return run(config, set_ or [], init=init, wav_root=wav_root, skip_bad_rows=skip_bad_rows, resume=resume,
+                   log=log)
+
+    _train(run, (LabelError, ModelLoadError), "fine-tuned")
 
 
 # --- report ------------------------------------------------------------------
