@@ -70,13 +70,9 @@ def teacher_scores(paths: list[Path], cache_path: Path, device: str, batch_size:
         from msr_utmos_cli.teachers import DistillMOSTeacher
 
         teacher = DistillMOSTeacher().to(device)
-        seq = teacher.sqa.SEQ_LEN
         waves = {i: resample(*load(paths[i]), TEACHER_RATE) for i in todo}
-        # A batch is padded to its longest item, and an item longer than one 7.68 s window is cut into
-        # windows of the padded length: so only clips that fit one window share a batch.
-        short = [i for i in todo if waves[i].shape[0] <= seq]
-        groups = [short[j:j + batch_size] for j in range(0, len(short), batch_size)]
-        groups += [[i] for i in todo if waves[i].shape[0] > seq]
+        order = sorted(todo, key=lambda i: waves[i].shape[0])  # similar lengths share a batch
+        groups = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
         t0 = time.perf_counter()
         for g in groups:
             pad = torch.nn.utils.rnn.pad_sequence([waves[i] for i in g], batch_first=True).to(device)

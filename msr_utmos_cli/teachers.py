@@ -209,28 +209,31 @@ class DistillMOSTeacher(Teacher):
             self.model = sqa.ConvTransformerSQAModel(load_weights=True, segmenting_in_forward=False)
         self.freeze()
 
-    def _windows(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Their segmentation: pad to one window, or overlapping windows hopping <= 1 s. -> (W*B, L), W."""
+    def _windows(self, x: torch.Tensor, n: int) -> list[torch.Tensor]:
+        """Their segmentation of one item's n valid samples: one window padded to 7.68 s, or
+        overlapping windows hopping <= 1 s. Per item, so a batch neighbour never changes a score."""
         seq, hop = self.sqa.SEQ_LEN, self.sqa.MAX_HOP_LEN
-        over = x.shape[1] - seq
+        over = n - seq
         if over <= 0:
-            return nn.functional.pad(x, (0, -over)), 1
+            return [nn.functional.pad(x[:n], (0, -over))]
         hops = int(math.ceil(over / hop)) + 1
-        starts = [int(c * over) for c in torch.linspace(0, 1, hops).tolist()]
-        return torch.cat([x[:, s:s + seq] for s in starts], dim=0), hops
+        return [x[s:s + seq] for s in (int(c * over) for c in torch.linspace(0, 1, hops).tolist())]
 
     def _forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> dict:
-        B = wave.shape[0]
-        valid = torch.arange(wave.shape[1], device=wave.device)[None, :] < lengths[:, None]
-        x, hops = self._windows(wave * valid)
+        per_item = [self._windows(x, int(n)) for x, n in zip(wave, lengths)]
+        owner = torch.tensor([i for i, w in enumerate(per_item) for _ in w], device=wave.device)
+        first = torch.tensor([0] + [len(w) for w in per_item[:-1]], device=wave.device).cumsum(0)
+        x = torch.stack([w for ws in per_item for w in ws])  # (W, L): all windows of all items
         x = x / (x.abs().amax(dim=1, keepdim=True) + 1e-8)
         m = self.model.transformer_pool_attn
-        cnn = self.model.cnn(x).permute(0, 2, 1)  # (W*B, 384, 1024)
+        cnn = self.model.cnn(x).permute(0, 2, 1)  # (W, 384, 1024)
         h = m.norm_input(cnn.transpose(1, 2)).transpose(1, 2)
-        h = m.norm_trans(m.transformer(h).transpose(1, 2)).transpose(1, 2)  # (W*B, 384, 200)
-        q = torch.sigmoid(m.pool(h).squeeze(-1)).reshape(hops, B).mean(0)
+        h = m.norm_trans(m.transformer(h).transpose(1, 2)).transpose(1, 2)  # (W, 384, 200)
+        q = torch.sigmoid(m.pool(h).squeeze(-1))  # (W,)
+        counts = torch.bincount(owner, minlength=len(per_item)).to(q.dtype)
+        q = torch.zeros(len(per_item), device=q.device, dtype=q.dtype).index_add_(0, owner, q) / counts
         frames = torch.clamp(torch.div(lengths, 320, rounding_mode="floor") + 1, max=cnn.shape[1])
-        return {"layers": [cnn[:B], h[:B]], "lengths": frames, "mos": 1 + 4 * q}
+        return {"layers": [cnn[first], h[first]], "lengths": frames, "mos": 1 + 4 * q}
 
 
 def load_teacher(source: str, kind: str = "auto") -> Teacher:

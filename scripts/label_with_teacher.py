@@ -27,7 +27,6 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--teacher", default="distillmos")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--window-s", type=float, default=7.68, help="the teacher's window (DistillMOS: 7.68 s)")
     ap.add_argument("--splits", default="", help="comma-separated `split` values to label (default: all)")
     args = ap.parse_args()
     root = Path(args.manifest).parent
@@ -38,10 +37,8 @@ def main() -> None:
     done = set()
     if os.path.exists(args.out):
         done = {r["path"] for r in csv.DictReader(open(args.out, newline=""))}
-    # Clips longer than one teacher window are labelled alone: the teacher windows a batch by its
-    # longest item, so a short clip next to a long one would be judged on its zero padding.
-    todo = sorted((r["path"] for r in rows if r["path"] not in done),
-                  key=lambda p: float(next(r["duration_s"] for r in rows if r["path"] == p)))
+    # Similar lengths share a batch, so little time goes into padding.
+    todo = [r["path"] for r in sorted(rows, key=lambda r: float(r["duration_s"])) if r["path"] not in done]
     teacher = load_teacher(args.teacher)
     new = not os.path.exists(args.out) or os.path.getsize(args.out) == 0
     t0 = time.perf_counter()
@@ -49,12 +46,8 @@ def main() -> None:
         w = csv.writer(f)
         if new:
             w.writerow(["path", "teacher_mos"])
-        i = 0
-        while i < len(todo):
+        for i in range(0, len(todo), args.batch_size):
             paths = todo[i:i + args.batch_size]
-            if sf.info(str(root / paths[-1])).duration > args.window_s:
-                paths = paths[:1]
-            i += len(paths)
             waves = []
             for p in paths:
                 x, sr = sf.read(root / p, dtype="float32", always_2d=True)
@@ -65,7 +58,7 @@ def main() -> None:
                 mos = teacher(batch, lengths)["mos"].tolist()
             w.writerows([p, f"{m:.5f}"] for p, m in zip(paths, mos))
             f.flush()
-            print(f"{i}/{len(todo)} clips, {time.perf_counter() - t0:.0f} s", file=sys.stderr, end="\r")
+            print(f"{i + len(paths)}/{len(todo)} clips, {time.perf_counter() - t0:.0f} s", file=sys.stderr, end="\r")
     print(file=sys.stderr)
 
 

@@ -70,3 +70,15 @@ def test_distillmos_features_and_mos_match_its_forward():
         ref = teacher.model(wave[:1]).squeeze(-1)
     assert torch.allclose(out["mos"][:1], ref, atol=1e-5)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+@pytest.mark.skipif(importlib.util.find_spec("distillmos") is None, reason="distillmos extra not installed")
+def test_distillmos_scores_do_not_depend_on_batch_neighbours():
+    """A short clip batched with one longer than DistillMOS's 7.68 s window gets its own score."""
+    teacher = load_teacher("distillmos")
+    g = torch.Generator().manual_seed(0)
+    short, long = torch.randn(24000, generator=g) * 0.1, torch.randn(16000 * 9, generator=g) * 0.1
+    alone = [teacher(x[None], torch.tensor([x.shape[0]]))["mos"] for x in (short, long)]
+    batch = torch.nn.utils.rnn.pad_sequence([short, long], batch_first=True)
+    together = teacher(batch, torch.tensor([short.shape[0], long.shape[0]]))["mos"]
+    assert torch.allclose(together, torch.cat(alone), atol=1e-5)
