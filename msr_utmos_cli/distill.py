@@ -46,6 +46,10 @@ class DistillModel:
     # of each whole clip at 16 kHz, computed once. Replaces running the teacher every step (on a CPU the
     # teacher costs more than the student); output distillation only, clips without a label are left out.
     teacher_labels: str | None = None
+    # Folder of safetensors shards from `label_with_teacher.py --features`: the teacher's per-frame features
+    # of each clip (keys: the labels CSV's paths), so feature distillation also runs without the teacher.
+    # Needs teacher_labels; `layers` pairs name the cached teacher layer (DistillMOS: 1, its transformer output).
+    teacher_features: str | None = None
 
 
 @dataclass
@@ -72,6 +76,10 @@ class Clip:
     info: audio.AudioInfo
     bandwidth_hz: float  # real audio bandwidth (a file may be an upsampled narrower one)
     label: float | None = None  # the teacher's MOS of the whole clip, when read from model.teacher_labels
+    feats: torch.Tensor | None = field(default=None, compare=False, repr=False)  # (F, D) cached teacher frames
+
+
+FRAME_S = 0.02  # teacher and student frame hop (50 frames per second)
 
 
 def read_teacher_labels(path: str | os.PathLike) -> dict[str, float]:
@@ -91,6 +99,28 @@ def read_teacher_labels(path: str | os.PathLike) -> dict[str, float]:
     return out
 
 
+def read_teacher_features(folder: str | os.PathLike, root: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """(path -> (F, D) teacher frames, the teacher layer they are) from a folder of safetensors shards;
+    keys are paths relative to `root` (the labels CSV's folder)."""
+    from safetensors import SafetensorError, safe_open
+
+    shards = sorted(Path(folder).glob("*.safetensors"))
+    if not shards:
+        raise ConfigError(f"model.teacher_features: no .safetensors shards in {folder}")
+    out, layers = {}, set()
+    for shard in shards:
+        try:
+            with safe_open(str(shard), "pt") as f:
+                layers.add(int((f.metadata() or {}).get("teacher_layer", -1)))
+                for k in f.keys():
+                    out[str((root / k).resolve())] = f.get_tensor(k)
+        except (OSError, SafetensorError, ValueError) as e:
+            raise ConfigError(f"model.teacher_features: {shard}: unreadable shard ({e})") from None
+    if len(layers) != 1 or min(layers) < 0:
+        raise ConfigError(f"model.teacher_features: {folder}: shards must all name one teacher_layer, got {sorted(layers)}")
+    return out, layers.pop()
+
+
 def _manifest_rows(path: Path, split: str | None) -> list[tuple[str, float | None]]:
     try:
         with open(path, newline="") as f:
@@ -108,9 +138,10 @@ def _manifest_rows(path: Path, split: str | None) -> list[tuple[str, float | Non
     return out
 
 
-def collect(data: DistillData, split: str | None, labels: dict[str, float] | None = None) -> list[Clip]:
+def collect(data: DistillData, split: str | None, labels: dict[str, float] | None = None,
+            feats: dict[str, torch.Tensor] | None = None) -> list[Clip]:
     """All usable clips in a stable order (sorted paths); unreadable or too short files are skipped, and so
-    are clips without a label when `labels` is given."""
+    are clips without a label (or cached features) when `labels` (`feats`) is given."""
     items: list[tuple[str, float | None]] = []
     for d in data.dirs:
         if not Path(d).is_dir():
@@ -130,22 +161,36 @@ def collect(data: DistillData, split: str | None, labels: dict[str, float] | Non
             info = audio.probe(path)
         except audio.AudioError:
             continue
-        if labels is not None and path not in labels:
+        if (labels is not None and path not in labels) or (feats is not None and path not in feats):
             continue
         if info.duration >= data.min_s:
             clips.append(Clip(info, min(bw or info.sample_rate / 2, info.sample_rate / 2),
-                              None if labels is None else labels[path]))
+                              None if labels is None else labels[path], None if feats is None else feats[path]))
     return clips
 
 
-def present(clip: Clip, start: int, stop: int, sr: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+def present(clip: Clip, start: int, stop: int, sr: int) -> tuple:
     """Samples [start, stop) at rate `sr` (band-limited resampling), at 16 kHz for the teacher (empty when
     the teacher's labels are cached), the bandwidth they really have (upsampling never adds content above
-    the native Nyquist) and the cached label (NaN when none)."""
+    the native Nyquist), the cached label (NaN when none) and the cached teacher frames from `start` on
+    ((0, 0) when none; `start` should then fall on a frame, see `frame_start`)."""
     x = torch.from_numpy(audio.read_segment(clip.info, start, stop).copy())
     y = audio.resample(x, clip.info.sample_rate, sr)
     y16 = audio.resample(y, sr, SAMPLE_RATE) if clip.label is None else y.new_zeros(0)
-    return y, y16, min(clip.bandwidth_hz, sr / 2), math.nan if clip.label is None else clip.label
+    if clip.feats is None:
+        f = torch.zeros(0, 0)
+    else:
+        k = int(round(start / (FRAME_S * clip.info.sample_rate)))
+        f = clip.feats[k: k + int(math.ceil((stop - start) / (FRAME_S * clip.info.sample_rate))) + 1].float()
+    return y, y16, min(clip.bandwidth_hz, sr / 2), math.nan if clip.label is None else clip.label, f
+
+
+def frame_start(clip: Clip, off: int) -> int:
+    """A crop offset moved onto the nearest teacher frame when the teacher's frames are cached."""
+    if clip.feats is None:
+        return off
+    hop = FRAME_S * clip.info.sample_rate
+    return min(int(round(round(off / hop) * hop)), clip.info.frames - 1)
 
 
 def _pad(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,11 +201,13 @@ def _pad(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lengths
 
 
-def collate(items: list[tuple[torch.Tensor, torch.Tensor, float, float]], sr: int) -> dict:
+def collate(items: list[tuple], sr: int) -> dict:
     wave, lengths = _pad([i[0] for i in items])
     wave16, lengths16 = _pad([i[1] for i in items])
+    feats = torch.nn.utils.rnn.pad_sequence([i[4] for i in items], batch_first=True)  # (B, F, D)
     return {"wave": wave, "lengths": lengths, "sr": sr, "wave16": wave16, "lengths16": lengths16,
-            "bandwidth_hz": torch.tensor([i[2] for i in items]), "teacher_mos": torch.tensor([i[3] for i in items])}
+            "bandwidth_hz": torch.tensor([i[2] for i in items]), "teacher_mos": torch.tensor([i[3] for i in items]),
+            "teacher_feats": feats, "teacher_frames": torch.tensor([i[4].shape[0] for i in items])}
 
 
 def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size: int, rank: int, world: int,
@@ -180,7 +227,7 @@ def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size:
             epoch = i // n
             clip = clips[int(np.random.default_rng([seed, 2, epoch]).permutation(n)[i % n])]
             crop = int(round(crop_s * clip.info.sample_rate))
-            off = int(np.random.default_rng([seed, 3, i]).integers(max(clip.info.frames - crop, 0) + 1))
+            off = frame_start(clip, int(np.random.default_rng([seed, 3, i]).integers(max(clip.info.frames - crop, 0) + 1)))
             items.append(present(clip, off, min(off + crop, clip.info.frames), sr))
         yield collate(items, sr)
         g += 1
@@ -273,22 +320,34 @@ class DistillTask:
             raise ConfigError("data.rates: empty")
         self.m, self.data, self.trainer = m, data, trainer
         labels = read_teacher_labels(m.teacher_labels) if m.teacher_labels else None
-        if labels is not None and m.layers:
-            raise ConfigError("model.layers: feature distillation needs the live teacher; "
-                              "with model.teacher_labels only the MOS is distilled (set layers: [])")
+        feats, cached_layer = None, None
+        if m.teacher_features:
+            if labels is None:
+                raise ConfigError("model.teacher_features needs model.teacher_labels (the same clips' MOS)")
+            feats, cached_layer = read_teacher_features(m.teacher_features, Path(m.teacher_labels).parent)
+        elif labels is not None and m.layers:
+            raise ConfigError("model.layers: feature distillation needs the live teacher or model.teacher_features; "
+                              "with model.teacher_labels alone only the MOS is distilled (set layers: [])")
         self.teacher = None if labels is not None else (
             teacher if teacher is not None else load_teacher(m.teacher, m.teacher_kind))
-        self.clips = collect(data, data.split, labels)
+        self.clips = collect(data, data.split, labels, feats)
         if not self.clips:
             raise ConfigError("data: no readable (and, with model.teacher_labels, labelled) audio found in "
                               "data.dirs / data.lists / data.manifest")
-        self.valid_clips = collect(data, data.valid_split, labels)[: data.valid_items] if data.valid_split else []
+        self.valid_clips = collect(data, data.valid_split, labels, feats)[: data.valid_items] if data.valid_split else []
         torch.manual_seed(trainer.seed)
         student = MOSModel(student_config(m, self.teacher))
         self.init_info = {"train_clips": len(self.clips)}
         if m.init_from_teacher and isinstance(self.teacher, Wav2Vec2Teacher):
             self.init_info.update(init_from_teacher(student, self.teacher, m.sfi_fit_steps))
-        if self.teacher is None:
+        if feats is not None:  # only the cached layer exists; the others have width 0 and fail the check below
+            tdims = [0] * cached_layer + [next(iter(feats.values())).shape[-1]]
+            pairs = m.layers if m.layers is not None else [[student.cfg.num_layers, cached_layer]]
+            for s, t in pairs:
+                if t != cached_layer:
+                    raise ConfigError(f"model.layers: pair [{s}, {t}]: model.teacher_features holds teacher layer "
+                                      f"{cached_layer} only")
+        elif self.teacher is None:
             tdims, pairs = [], []
         else:
             probe = self.teacher(torch.zeros(1, SAMPLE_RATE))
@@ -324,8 +383,11 @@ class DistillTask:
 
     def item_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per-item loss terms (B,) so that averages over ranks equal averages over the global batch."""
-        t = {"mos": batch["teacher_mos"], "layers": []} if self.teacher is None else \
-            self.teacher(batch["wave16"], batch["lengths16"])
+        if self.teacher is None:  # cached labels (and frames, at the index the pairs name)
+            t = {"mos": batch["teacher_mos"], "lengths": batch["teacher_frames"],
+                 "layers": [batch["teacher_feats"]] * (max((p[1] for p in self.model.pairs), default=-1) + 1)}
+        else:
+            t = self.teacher(batch["wave16"], batch["lengths16"])
         feats, n, mos = self.model(batch["wave"], batch["lengths"], batch["sr"], self.use_mos)
         B = batch["wave"].shape[0]
         zero = batch["wave"].new_zeros(B)
@@ -368,7 +430,8 @@ class DistillTask:
 
     def export(self, folder: Path, metadata: dict) -> None:
         meta = {**metadata, "task": "distill", "teacher": self.m.teacher,
-                "teacher_kind": self.teacher.name if self.teacher is not None else "cached labels",
+                "teacher_kind": self.teacher.name if self.teacher is not None else
+                "cached labels" + (" and features" if self.m.teacher_features else ""),
                 "layer_pairs": self.model.pairs, "rates": self.data.rates, **self.init_info}
         save_model(self.model.student, folder, meta)
 

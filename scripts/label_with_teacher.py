@@ -4,6 +4,10 @@
 
 The teacher hears each whole clip resampled to 16 kHz (torchaudio), as its own users would
 feed it. Rows already in --out are kept (the job can be stopped and restarted).
+
+With --features DIR it also keeps the teacher's per-frame features of each clip (for DistillMOS its
+transformer output, (frames, 200) at 50 frames/s, from the first 7.68 s window) as float16 safetensors
+shards, for `model.teacher_features`: feature distillation without running the teacher every step.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from pathlib import Path
 
 import soundfile as sf
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from msr_utmos_cli.audio import resample
 from msr_utmos_cli.teachers import load_teacher
@@ -28,6 +34,8 @@ def main() -> None:
     ap.add_argument("--teacher", default="distillmos")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--splits", default="", help="comma-separated `split` values to label (default: all)")
+    ap.add_argument("--features", default=None, help="folder for per-frame feature shards (see above)")
+    ap.add_argument("--layer", type=int, default=1, help="teacher layer kept by --features (DistillMOS: 1)")
     args = ap.parse_args()
     root = Path(args.manifest).parent
     rows = list(csv.DictReader(open(args.manifest, newline="")))
@@ -37,6 +45,14 @@ def main() -> None:
     done = set()
     if os.path.exists(args.out):
         done = {r["path"] for r in csv.DictReader(open(args.out, newline=""))}
+    if args.features:
+        os.makedirs(args.features, exist_ok=True)
+        shards = sorted(Path(args.features).glob("*.safetensors"))
+        have = set()
+        for sh in shards:
+            with safe_open(str(sh), "pt") as g:
+                have |= set(g.keys())
+        labelled, done = done, have  # a clip is done when its features are; its CSV row is not written twice
     # Similar lengths share a batch, so little time goes into padding.
     todo = [r["path"] for r in sorted(rows, key=lambda r: float(r["duration_s"])) if r["path"] not in done]
     teacher = load_teacher(args.teacher)
@@ -55,8 +71,18 @@ def main() -> None:
             lengths = torch.tensor([len(x) for x in waves])
             batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
             with torch.inference_mode():
-                mos = teacher(batch, lengths)["mos"].tolist()
-            w.writerows([p, f"{m:.5f}"] for p, m in zip(paths, mos))
+                out = teacher(batch, lengths)
+            mos = out["mos"].tolist()
+            if args.features:
+                feats = {p: out["layers"][args.layer][j, : int(out["lengths"][j])].half().contiguous()
+                         for j, p in enumerate(paths)}
+                tmp = Path(args.features) / f".shard_{len(shards):05d}.tmp"
+                save_file(feats, str(tmp), metadata={"teacher": args.teacher, "teacher_layer": str(args.layer)})
+                os.replace(tmp, Path(args.features) / f"shard_{len(shards):05d}.safetensors")
+                shards.append(tmp)
+                w.writerows([p, f"{m:.5f}"] for p, m in zip(paths, mos) if p not in labelled)
+            else:
+                w.writerows([p, f"{m:.5f}"] for p, m in zip(paths, mos))
             f.flush()
             print(f"{i + len(paths)}/{len(todo)} clips, {time.perf_counter() - t0:.0f} s", file=sys.stderr, end="\r")
     print(file=sys.stderr)

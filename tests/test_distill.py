@@ -1,9 +1,11 @@
 """Distillation end to end on a tiny teacher and synthetic multi-rate audio (CPU, seconds each)."""
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +204,88 @@ def test_cached_teacher_labels_distil_the_mos_without_running_the_teacher(assets
     assert after < 0.5 * before
     model = load_model(tmp_path / "run" / "last", "cpu")
     assert model.metadata["teacher_kind"] == "cached labels"
+
+
+def _frame_features(wavs, dim=6):
+    """Synthetic cached teacher frames: frame j of a clip holds its j (to check alignment) and
+    the log energy of its 20 ms (something a student can learn)."""
+    out = {}
+    for p in wavs:
+        x, sr = sf.read(p, dtype="float32")
+        hop = int(0.02 * sr)
+        n = len(x) * 16000 // sr // 320 + 1
+        e = [np.log(np.mean(x[j * hop:(j + 1) * hop] ** 2) + 1e-4) if j * hop < len(x) else -9.2 for j in range(n)]
+        f = np.stack([np.arange(n), *[np.asarray(e) * (k + 1) / dim for k in range(dim - 1)]], 1)
+        out[p.name] = torch.tensor(f, dtype=torch.float16)
+    return out
+
+
+def test_cached_teacher_features_are_cropped_on_frames_and_distilled(assets, tmp_path):
+    """model.teacher_features: crops start on a teacher frame, the student gets the frames from
+    there, and the per-frame loss falls without any teacher loaded."""
+    from safetensors.torch import save_file
+    from msr_utmos_cli.config import ConfigError, load_config
+
+    wavs = sorted((assets / "wav").glob("*.wav"))
+    (tmp_path / "labels.csv").write_text("path,teacher_mos\n" + "".join(f"{p.name},3.5\n" for p in wavs))
+    (tmp_path / "feats").mkdir()
+    feats = _frame_features(wavs)
+    save_file(feats, str(tmp_path / "feats" / "a.safetensors"), metadata={"teacher_layer": "1"})
+    for p in wavs:
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    sets = overrides(assets, tmp_path / "run", 20, **{
+        "model.teacher": "no-such-teacher", "model.teacher_labels": tmp_path / "labels.csv",
+        "model.teacher_features": tmp_path / "feats", "model.init_from_teacher": "false",
+        "model.mos_weight": 0, "model.cosine_weight": 0, "data.dirs": f"[{tmp_path}]"})
+    built, _ = load_config(None, sets, distill.SECTIONS)
+    task = distill.DistillTask(built["model"], built["data"], built["trainer"])
+    assert task.teacher is None and len(task.clips) == len(wavs)
+    assert task.model.pairs == [[task.model.student.cfg.num_layers, 1]]
+    for clip in task.clips:
+        hop = 0.02 * clip.info.sample_rate
+        for off in (0, 1, int(hop * 2.6), clip.info.frames // 2):
+            start = distill.frame_start(clip, off)
+            k = round(start / hop)
+            assert abs(start - k * hop) < 1 and abs(start - off) <= hop / 2 + 1
+            *_, f = distill.present(clip, start, min(start + 8000, clip.info.frames), 16000)
+            assert f[0, 0] == k  # the slice starts at the crop's own frame
+    task.valid_clips = task.clips
+    before = task.validate()["valid_feat_l1"]
+    distill.fit(task, built["trainer"], {})
+    after = task.validate()["valid_feat_l1"]
+    print(f"valid frame L1 {before:.3f} -> {after:.3f}")
+    assert after < 0.7 * before
+
+    bad = overrides(assets, tmp_path / "bad", 1, **{"model.teacher_labels": tmp_path / "labels.csv",
+                    "model.teacher_features": tmp_path / "feats", "model.layers": "[[1,0]]",
+                    "data.dirs": f"[{tmp_path}]"})
+    built, _ = load_config(None, bad, distill.SECTIONS)
+    with pytest.raises(ConfigError, match="holds teacher layer 1 only"):
+        distill.DistillTask(built["model"], built["data"], built["trainer"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("distillmos") is None, reason="distillmos extra not installed")
+def test_label_script_caches_the_teachers_own_frames(assets, tmp_path):
+    """scripts/label_with_teacher.py --features stores DistillMOS's transformer frames exactly as the
+    live teacher gives them, and a rerun adds nothing twice."""
+    from safetensors.torch import load_file
+    from msr_utmos_cli.audio import resample
+    from msr_utmos_cli.teachers import load_teacher
+
+    wavs = sorted((assets / "wav").glob("*.wav"))[:3]
+    (tmp_path / "m.csv").write_text("path,duration_s\n" + "".join(f"{p},1\n" for p in wavs))
+    cmd = [sys.executable, "scripts/label_with_teacher.py", "--manifest", str(tmp_path / "m.csv"),
+           "--out", str(tmp_path / "l.csv"), "--features", str(tmp_path / "f"), "--batch-size", "2"]
+    for _ in range(2):
+        subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).parents[1])
+    assert len((tmp_path / "l.csv").read_text().splitlines()) == 1 + len(wavs)
+    cached = {}
+    for shard in sorted((tmp_path / "f").glob("*.safetensors")):
+        cached.update(load_file(shard))
+    teacher = load_teacher("distillmos")
+    for p in wavs:
+        x, sr = sf.read(p, dtype="float32")
+        out = teacher(resample(torch.from_numpy(x), sr, 16000)[None])
+        want = out["layers"][1][0, : int(out["lengths"][0])]
+        assert cached[str(p)].shape == want.shape
+        assert torch.allclose(cached[str(p)].float(), want, atol=1e-2, rtol=1e-2)
