@@ -58,7 +58,7 @@ def score(
     from rich.console import Console
 
     from .checkpoint import ModelLoadError, load_model
-    from .output import OutputError, write_scores
+    from .output import OutputError, ReaderGone, write_scores
 
     console = Console(stderr=True)
     if fmt not in ("csv", "jsonl"):
@@ -76,6 +76,11 @@ def score(
         summary = write_scores(net, paths, out, fmt, resume=resume, recursive=recursive,
                                progress=None if bar is None else lambda rows: bar.update(len(rows)),
                                batch_size=batch_size, window_s=window, channel=channel, chunk_files=chunk_files)
+    except ReaderGone:  # `| head`: no message, the SIGPIPE status; stdout is dropped so exit does not flush into it
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except OutputError as e:
         raise _err(console, str(e)) from None
     except KeyboardInterrupt:

@@ -24,6 +24,10 @@ class OutputError(Exception):
     """The output file cannot be used; the message names it and says why."""
 
 
+class ReaderGone(OutputError):
+    """stdout's reader went away (`utmos score ... | head`): stop quietly, as `cat` would."""
+
+
 def _fmt(row: Row) -> dict:
     return {"path": row.path, "sample_rate": row.sample_rate,
             "duration_s": None if row.duration_s is None else round(row.duration_s, 4),
@@ -163,6 +167,8 @@ class ScoreWriter:
                 sys.stdout.flush()
                 out.write(data)
                 out.flush()
+        except BrokenPipeError:
+            raise ReaderGone("stdout: the reading end of the pipe closed") from None
         except OSError as e:
             raise OutputError(f"stdout: write failed ({e.strerror or e})") from None
 

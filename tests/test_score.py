@@ -124,3 +124,16 @@ def test_python_module_entry_point(tiny_model_dir, audio_dir):
     assert p.returncode == 0, p.stderr
     row = next(csv.DictReader(io.StringIO(p.stdout)))
     assert row["sample_rate"] == "22050" and 1 <= float(row["mos"]) <= 5
+
+
+def test_pipe_closed_by_reader_stops_quietly(tiny_model_dir, audio_dir):
+    """`utmos score DIR | head -1`: no traceback or error line, the SIGPIPE status (141)."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-m", "msr_utmos_cli", "score", str(audio_dir), "--model", str(tiny_model_dir),
+                          "-q", "--chunk-files", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    header = p.stdout.readline()
+    p.stdout.close()  # the reader leaves after one line, like head -1
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert header.startswith(b"path,") and err == ""
