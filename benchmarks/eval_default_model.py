@@ -7,6 +7,8 @@
    the same clip presented at 8, 16, 22.05, 24, 44.1 and 48 kHz (band-limited resampling from its file
    rate, so upsampling never widens the content) and at its own file rate ("native"). SRCC, LCC, mean
    absolute difference. Target: SRCC >= 0.9 at every presentation rate.
+   At 8 kHz also against the teacher hearing the clip at 8 kHz too (resampled 8 kHz -> 16 kHz): what the
+   student can hear at that rate, and what the default model is distilled towards at 8 kHz.
 2. Rate independence: every rate_ladder.csv clip scored at each rate it is stored at (no resampling);
    spread = max - min over rates. Target: mean spread < 0.05 MOS.
 3. Severity order: pairs of clips of the same source utterance (utt_id) with different severity, within
@@ -57,20 +59,26 @@ def load(path: Path) -> tuple[torch.Tensor, int]:
 
 
 # --- teacher -------------------------------------------------------------------------------
-def teacher_scores(paths: list[Path], cache_path: Path, device: str, batch_size: int) -> list[float]:
-    """DistillMOS MOS of each file resampled to 16 kHz; cached by (path, mtime_ns)."""
+def teacher_scores(paths: list[Path], cache_path: Path, device: str, batch_size: int,
+                   hear_at: int | None = None) -> list[float]:
+    """DistillMOS MOS of each file resampled to 16 kHz (first to `hear_at` when given: the teacher then
+    hears what a student presented at that rate hears); cached by (path, mtime_ns, hear_at)."""
     tag = f"distillmos {version('distillmos')}"
     cache = {}
     if cache_path.exists():
         data = json.loads(cache_path.read_text())
         cache = data.get("scores", {}) if data.get("teacher") == tag else {}
-    keys = [f"{p.resolve()}|{p.stat().st_mtime_ns}" for p in paths]
+    keys = [f"{p.resolve()}|{p.stat().st_mtime_ns}" + (f"|{hear_at}" if hear_at else "") for p in paths]
     todo = [i for i, k in enumerate(keys) if k not in cache]
     if todo:
         from msr_utmos_cli.teachers import DistillMOSTeacher
 
         teacher = DistillMOSTeacher().to(device)
-        waves = {i: resample(*load(paths[i]), TEACHER_RATE) for i in todo}
+        def heard(x, sr):
+            return resample(resample(x, sr, hear_at), hear_at, TEACHER_RATE) if hear_at and hear_at < sr \
+                else resample(x, sr, TEACHER_RATE)
+
+        waves = {i: heard(*load(paths[i])) for i in todo}
         order = sorted(todo, key=lambda i: waves[i].shape[0])  # similar lengths share a batch
         groups = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
         t0 = time.perf_counter()
@@ -178,6 +186,9 @@ def print_tables(res: dict) -> None:
     print("|---|---|---|---|---|---|")
     for k, a in res["agreement"].items():
         print(f"| {k} | {a['n']} | {a['srcc']:.3f} | {a['lcc']:.3f} | {a['mad']:.3f} | {a['bias']:+.3f} |")
+    a = res["agreement_teacher_heard_at_8000"]["8000"]
+    print(f"| 8000, teacher also hearing the clip at 8 kHz | {a['n']} | {a['srcc']:.3f} | {a['lcc']:.3f} | "
+          f"{a['mad']:.3f} | {a['bias']:+.3f} |")
     ok = res["targets"]["srcc_min"] >= TARGET_SRCC
     print(f"\nlowest SRCC over presentation rates: {res['targets']['srcc_min']:.3f} "
           f"(target >= {TARGET_SRCC}: {'met' if ok else 'NOT met'})")
@@ -274,6 +285,8 @@ def main() -> None:
     t0 = time.perf_counter()
     teacher = teacher_scores(paths, args.out.resolve().parent / "teacher_distillmos_cache.json", args.device,
                              args.batch_size)
+    teacher8 = teacher_scores(paths, args.out.resolve().parent / "teacher_distillmos_cache.json", args.device,
+                              args.batch_size, hear_at=8000)
     runtime["teacher"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     student = student_at_rates(model, paths, RATES, args.batch_size)
@@ -288,6 +301,7 @@ def main() -> None:
            "split": args.split, "n_clips": len(rows), "device": args.device, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "load_avg_1min": [load_start, os.getloadavg()[0]],
            "machine": platform.platform(), "agreement": agree,
+           "agreement_teacher_heard_at_8000": {"8000": agreement(student["8000"], teacher8)},
            "targets": {"srcc_min": min(agree[str(r)]["srcc"] for r in RATES), "srcc_target": TARGET_SRCC,
                        "mean_spread": ladder["mean_spread"], "spread_target": TARGET_SPREAD},
            "rate_ladder": ladder, "severity": severity_order(rows, student["native"], teacher),

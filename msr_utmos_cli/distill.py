@@ -50,6 +50,10 @@ class DistillModel:
     # of each clip (keys: the labels CSV's paths), so feature distillation also runs without the teacher.
     # Needs teacher_labels; `layers` pairs name the cached teacher layer (DistillMOS: 1, its transformer output).
     teacher_features: str | None = None
+    # {rate: {labels: CSV, features: folder}}: the teacher's outputs for the clips band-limited to rate/2
+    # (`label_with_teacher.py --hear-at rate`), used for batches presented at that rate. Below 16 kHz the
+    # student cannot hear what the teacher heard in the full clip; these targets say what is really there.
+    teacher_at_rate: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Clip:
     bandwidth_hz: float  # real audio bandwidth (a file may be an upsampled narrower one)
     label: float | None = None  # the teacher's MOS of the whole clip, when read from model.teacher_labels
     feats: torch.Tensor | None = field(default=None, compare=False, repr=False)  # (F, D) cached teacher frames
+    at_rate: dict = field(default_factory=dict, compare=False, repr=False)  # rate -> (label, feats or None)
 
 
 FRAME_S = 0.02  # teacher and student frame hop (50 frames per second)
@@ -139,9 +144,11 @@ def _manifest_rows(path: Path, split: str | None) -> list[tuple[str, float | Non
 
 
 def collect(data: DistillData, split: str | None, labels: dict[str, float] | None = None,
-            feats: dict[str, torch.Tensor] | None = None) -> list[Clip]:
+            feats: dict[str, torch.Tensor] | None = None, at_rate: dict | None = None) -> list[Clip]:
     """All usable clips in a stable order (sorted paths); unreadable or too short files are skipped, and so
-    are clips without a label (or cached features) when `labels` (`feats`) is given."""
+    are clips without a label (or cached features, or per-rate targets) when those are given.
+    at_rate: {rate: (labels, feats or None)} as from read_teacher_labels / read_teacher_features."""
+    at_rate = at_rate or {}
     items: list[tuple[str, float | None]] = []
     for d in data.dirs:
         if not Path(d).is_dir():
@@ -163,9 +170,12 @@ def collect(data: DistillData, split: str | None, labels: dict[str, float] | Non
             continue
         if (labels is not None and path not in labels) or (feats is not None and path not in feats):
             continue
+        if any(path not in lab or (fe is not None and path not in fe) for lab, fe in at_rate.values()):
+            continue
         if info.duration >= data.min_s:
             clips.append(Clip(info, min(bw or info.sample_rate / 2, info.sample_rate / 2),
-                              None if labels is None else labels[path], None if feats is None else feats[path]))
+                              None if labels is None else labels[path], None if feats is None else feats[path],
+                              {r: (lab[path], None if fe is None else fe[path]) for r, (lab, fe) in at_rate.items()}))
     return clips
 
 
@@ -177,12 +187,13 @@ def present(clip: Clip, start: int, stop: int, sr: int) -> tuple:
     x = torch.from_numpy(audio.read_segment(clip.info, start, stop).copy())
     y = audio.resample(x, clip.info.sample_rate, sr)
     y16 = audio.resample(y, sr, SAMPLE_RATE) if clip.label is None else y.new_zeros(0)
-    if clip.feats is None:
+    label, feats = clip.at_rate.get(sr, (clip.label, clip.feats))
+    if feats is None:
         f = torch.zeros(0, 0)
     else:
         k = int(round(start / (FRAME_S * clip.info.sample_rate)))
-        f = clip.feats[k: k + int(math.ceil((stop - start) / (FRAME_S * clip.info.sample_rate))) + 1].float()
-    return y, y16, min(clip.bandwidth_hz, sr / 2), math.nan if clip.label is None else clip.label, f
+        f = feats[k: k + int(math.ceil((stop - start) / (FRAME_S * clip.info.sample_rate))) + 1].float()
+    return y, y16, min(clip.bandwidth_hz, sr / 2), math.nan if label is None else label, f
 
 
 def frame_start(clip: Clip, off: int) -> int:
@@ -328,13 +339,25 @@ class DistillTask:
         elif labels is not None and m.layers:
             raise ConfigError("model.layers: feature distillation needs the live teacher or model.teacher_features; "
                               "with model.teacher_labels alone only the MOS is distilled (set layers: [])")
+        at_rate = {}
+        for rate, spec in (m.teacher_at_rate or {}).items():
+            if labels is None or not isinstance(spec, dict) or "labels" not in spec or int(rate) not in data.rates:
+                raise ConfigError(f"model.teacher_at_rate.{rate}: needs model.teacher_labels, a rate of data.rates "
+                                  "and {labels: CSV[, features: folder]}")
+            if bool(spec.get("features")) != bool(feats is not None):
+                raise ConfigError(f"model.teacher_at_rate.{rate}: give features exactly when model.teacher_features "
+                                  "is given")
+            lab = read_teacher_labels(spec["labels"])
+            fe = read_teacher_features(spec["features"], Path(spec["labels"]).parent)[0] if feats is not None else None
+            at_rate[int(rate)] = (lab, fe)
         self.teacher = None if labels is not None else (
             teacher if teacher is not None else load_teacher(m.teacher, m.teacher_kind))
-        self.clips = collect(data, data.split, labels, feats)
+        self.clips = collect(data, data.split, labels, feats, at_rate)
         if not self.clips:
             raise ConfigError("data: no readable (and, with model.teacher_labels, labelled) audio found in "
                               "data.dirs / data.lists / data.manifest")
-        self.valid_clips = collect(data, data.valid_split, labels, feats)[: data.valid_items] if data.valid_split else []
+        self.valid_clips = collect(data, data.valid_split, labels, feats, at_rate)[: data.valid_items] \
+            if data.valid_split else []
         torch.manual_seed(trainer.seed)
         student = MOSModel(student_config(m, self.teacher))
         self.init_info = {"train_clips": len(self.clips)}

@@ -8,6 +8,9 @@ feed it. Rows already in --out are kept (the job can be stopped and restarted).
 With --features DIR it also keeps the teacher's per-frame features of each clip (for DistillMOS its
 transformer output, (frames, 200) at 50 frames/s, from the first 7.68 s window) as float16 safetensors
 shards, for `model.teacher_features`: feature distillation without running the teacher every step.
+
+With --hear-at RATE the teacher hears each clip as a student presented at RATE does (resampled to
+RATE, then to 16 kHz): the targets for `model.teacher_at_rate` below 16 kHz.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--splits", default="", help="comma-separated `split` values to label (default: all)")
     ap.add_argument("--features", default=None, help="folder for per-frame feature shards (see above)")
     ap.add_argument("--layer", type=int, default=1, help="teacher layer kept by --features (DistillMOS: 1)")
+    ap.add_argument("--hear-at", type=int, default=None, help="band-limit each clip to this rate first (see above)")
     args = ap.parse_args()
     root = Path(args.manifest).parent
     rows = list(csv.DictReader(open(args.manifest, newline="")))
@@ -67,7 +71,10 @@ def main() -> None:
             waves = []
             for p in paths:
                 x, sr = sf.read(root / p, dtype="float32", always_2d=True)
-                waves.append(resample(torch.from_numpy(x.mean(1)), sr, 16000))
+                x = torch.from_numpy(x.mean(1))
+                if args.hear_at and args.hear_at < sr:
+                    x, sr = resample(x, sr, args.hear_at), args.hear_at
+                waves.append(resample(x, sr, 16000))
             lengths = torch.tensor([len(x) for x in waves])
             batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
             with torch.inference_mode():

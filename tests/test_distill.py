@@ -289,3 +289,42 @@ def test_label_script_caches_the_teachers_own_frames(assets, tmp_path):
         want = out["layers"][1][0, : int(out["lengths"][0])]
         assert cached[str(p)].shape == want.shape
         assert torch.allclose(cached[str(p)].float(), want, atol=1e-2, rtol=1e-2)
+
+
+def test_targets_at_a_rate_replace_the_full_band_ones_for_that_rate(assets, tmp_path):
+    """model.teacher_at_rate: batches presented at 8 kHz carry the teacher's outputs for the clip as
+    heard at 8 kHz; other rates keep the full-band ones; a clip missing there is left out."""
+    from safetensors.torch import save_file
+    from msr_utmos_cli.config import ConfigError, load_config
+
+    wavs = sorted((assets / "wav").glob("*.wav"))
+    for p in wavs:
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "full.csv").write_text("path,teacher_mos\n" + "".join(f"{p.name},4.5\n" for p in wavs))
+    (tmp_path / "at8.csv").write_text("path,teacher_mos\n" + "".join(f"{p.name},1.5\n" for p in wavs[1:]))
+    feats = _frame_features(wavs)
+    for name, scale, keep in (("ffull", 1.0, wavs), ("f8", -1.0, wavs[1:])):
+        (tmp_path / name).mkdir()
+        save_file({p.name: feats[p.name] * scale for p in keep}, str(tmp_path / name / "a.safetensors"),
+                  metadata={"teacher_layer": "1"})
+    base = {"model.teacher": "no-such-teacher", "model.teacher_labels": tmp_path / "full.csv",
+            "model.teacher_features": tmp_path / "ffull", "model.init_from_teacher": "false",
+            "data.dirs": f"[{tmp_path}]", "data.rates": "[8000,16000]"}
+    sets = overrides(assets, tmp_path / "run", 1, **base, **{
+        "model.teacher_at_rate": f"{{8000: {{labels: {tmp_path / 'at8.csv'}, features: {tmp_path / 'f8'}}}}}"})
+    built, _ = load_config(None, sets, distill.SECTIONS)
+    task = distill.DistillTask(built["model"], built["data"], built["trainer"])
+    assert len(task.clips) == len(wavs) - 1  # wavs[0] has no 8 kHz targets
+    seen = set()
+    for batch in distill.batch_stream(task.clips, [8000, 16000], 0.5, 2, 0, 1, 0, 0):
+        want = 1.5 if batch["sr"] == 8000 else 4.5
+        assert torch.all(batch["teacher_mos"] == want)
+        assert torch.all(batch["teacher_feats"][:, 1:, 0] * (1 if want == 4.5 else -1) >= 1)  # frame index sign
+        seen.add(batch["sr"])
+        if len(seen) == 2:
+            break
+    bad = overrides(assets, tmp_path / "bad", 1, **base, **{
+        "model.teacher_at_rate": f"{{8000: {{labels: {tmp_path / 'at8.csv'}}}}}"})
+    built, _ = load_config(None, bad, distill.SECTIONS)
+    with pytest.raises(ConfigError, match="teacher_at_rate.8000"):
+        distill.DistillTask(built["model"], built["data"], built["trainer"])
