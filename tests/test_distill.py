@@ -48,6 +48,16 @@ def overrides(assets, out, steps=6, **extra):
     return [f"{k}={v}" for k, v in sets.items()]
 
 
+def validated_before_and_after_fit(task, trainer, key):
+    """`key` of task.validate() on the training clips themselves, before and after training."""
+    task.valid_clips = task.clips
+    before = task.validate()[key]
+    distill.fit(task, trainer, {})
+    after = task.validate()[key]
+    print(f"{key} {before:.4f} -> {after:.4f}")
+    return before, after
+
+
 def test_student_starts_as_the_teacher_and_the_loss_falls(assets, tmp_path):
     from msr_utmos_cli.config import load_config
 
@@ -58,11 +68,7 @@ def test_student_starts_as_the_teacher_and_the_loss_falls(assets, tmp_path):
     sets = overrides(assets, tmp_path / "s", 20, **{"model.init_from_teacher": "false", "data.manifest": "null"})
     built, _ = load_config(None, sets, distill.SECTIONS)
     task = distill.DistillTask(built["model"], built["data"], built["trainer"])
-    task.valid_clips = task.clips
-    before = task.validate()["valid_loss"]
-    distill.fit(task, built["trainer"], {})
-    after = task.validate()["valid_loss"]
-    print(f"valid loss {before:.4f} -> {after:.4f}")
+    before, after = validated_before_and_after_fit(task, built["trainer"], "valid_loss")
     assert after < 0.7 * before
 
 
@@ -196,11 +202,7 @@ def test_cached_teacher_labels_distil_the_mos_without_running_the_teacher(assets
     built, _ = load_config(None, sets, distill.SECTIONS)
     task = distill.DistillTask(built["model"], built["data"], built["trainer"])
     assert task.teacher is None and len(task.clips) == len(wavs) - 1  # the unlabelled file is left out
-    task.valid_clips = task.clips
-    before = task.validate()["valid_mos"]
-    distill.fit(task, built["trainer"], {})
-    after = task.validate()["valid_mos"]
-    print(f"valid MOS MSE {before:.3f} -> {after:.3f}")
+    before, after = validated_before_and_after_fit(task, built["trainer"], "valid_mos")
     assert after < 0.5 * before
     model = load_model(tmp_path / "run" / "last", "cpu")
     assert model.metadata["teacher_kind"] == "cached labels"
@@ -249,11 +251,7 @@ def test_cached_teacher_features_are_cropped_on_frames_and_distilled(assets, tmp
             assert abs(start - k * hop) < 1 and abs(start - off) <= hop / 2 + 1
             *_, f = distill.present(clip, start, min(start + 8000, clip.info.frames), 16000)
             assert f[0, 0] == k  # the slice starts at the crop's own frame
-    task.valid_clips = task.clips
-    before = task.validate()["valid_feat_l1"]
-    distill.fit(task, built["trainer"], {})
-    after = task.validate()["valid_feat_l1"]
-    print(f"valid frame L1 {before:.3f} -> {after:.3f}")
+    before, after = validated_before_and_after_fit(task, built["trainer"], "valid_feat_l1")
     assert after < 0.7 * before
 
     bad = overrides(assets, tmp_path / "bad", 1, **{"model.teacher_labels": tmp_path / "labels.csv",
