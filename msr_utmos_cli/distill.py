@@ -341,7 +341,8 @@ class DistillTask:
                               "with model.teacher_labels alone only the MOS is distilled (set layers: [])")
         at_rate = {}
         for rate, spec in (m.teacher_at_rate or {}).items():
-            if labels is None or not isinstance(spec, dict) or "labels" not in spec or int(rate) not in data.rates:
+            if labels is None or not isinstance(spec, dict) or "labels" not in spec or \
+                    not str(rate).isdigit() or int(rate) not in data.rates:
                 raise ConfigError(f"model.teacher_at_rate.{rate}: needs model.teacher_labels, a rate of data.rates "
                                   "and {labels: CSV[, features: folder]}")
             if bool(spec.get("features")) != bool(feats is not None):
