@@ -40,7 +40,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from msr_utmos_cli import load_model
-from msr_utmos_cli.audio import probe, read_segment, resample
+from msr_utmos_cli.audio import heard_at, probe, read_segment, resample
 from msr_utmos_cli.scoring import score_waveforms
 
 RATES = (8000, 16000, 22050, 24000, 44100, 48000)
@@ -74,11 +74,7 @@ def teacher_scores(paths: list[Path], cache_path: Path, device: str, batch_size:
         from msr_utmos_cli.teachers import DistillMOSTeacher
 
         teacher = DistillMOSTeacher().to(device)
-        def heard(x, sr):
-            return resample(resample(x, sr, hear_at), hear_at, TEACHER_RATE) if hear_at and hear_at < sr \
-                else resample(x, sr, TEACHER_RATE)
-
-        waves = {i: heard(*load(paths[i])) for i in todo}
+        waves = {i: heard_at(*load(paths[i]), hear_at, TEACHER_RATE) for i in todo}
         order = sorted(todo, key=lambda i: waves[i].shape[0])  # similar lengths share a batch
         groups = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
         t0 = time.perf_counter()

@@ -125,3 +125,11 @@ def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
         return wave
     g = math.gcd(orig_sr, new_sr)
     return AF.resample(wave, orig_sr // g, new_sr // g)
+
+
+def heard_at(wave: torch.Tensor, sr: int, rate: int | None, out_sr: int) -> torch.Tensor:
+    """The audio as a listener at `rate` gets it (resampled there first when `rate` is below `sr`), at
+    `out_sr`: what a teacher must hear to judge what a student presented at `rate` hears. (T,) -> (T',)."""
+    if rate and rate < sr:
+        wave, sr = resample(wave, sr, rate), rate
+    return resample(wave, sr, out_sr)

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from msr_utmos_cli.audio import resample
+from msr_utmos_cli.audio import heard_at
 from msr_utmos_cli.teachers import load_teacher
 
 
@@ -46,17 +46,17 @@ def main() -> None:
     if args.splits:
         keep = set(args.splits.split(","))
         rows = [r for r in rows if r.get("split") in keep]
-    done = set()
+    labelled = set()
     if os.path.exists(args.out):
-        done = {r["path"] for r in csv.DictReader(open(args.out, newline=""))}
-    if args.features:
+        labelled = {r["path"] for r in csv.DictReader(open(args.out, newline=""))}
+    done, n_shards = labelled, 0
+    if args.features:  # a clip is done when its features are; its CSV row is still written once only
         os.makedirs(args.features, exist_ok=True)
-        shards = sorted(Path(args.features).glob("*.safetensors"))
-        have = set()
-        for sh in shards:
+        done = set()
+        for sh in sorted(Path(args.features).glob("*.safetensors")):
             with safe_open(str(sh), "pt") as g:
-                have |= set(g.keys())
-        labelled, done = done, have  # a clip is done when its features are; its CSV row is not written twice
+                done |= set(g.keys())
+            n_shards += 1
     # Similar lengths share a batch, so little time goes into padding.
     todo = [r["path"] for r in sorted(rows, key=lambda r: float(r["duration_s"])) if r["path"] not in done]
     teacher = load_teacher(args.teacher)
@@ -71,10 +71,7 @@ def main() -> None:
             waves = []
             for p in paths:
                 x, sr = sf.read(root / p, dtype="float32", always_2d=True)
-                x = torch.from_numpy(x.mean(1))
-                if args.hear_at and args.hear_at < sr:
-                    x, sr = resample(x, sr, args.hear_at), args.hear_at
-                waves.append(resample(x, sr, 16000))
+                waves.append(heard_at(torch.from_numpy(x.mean(1)), sr, args.hear_at, 16000))
             lengths = torch.tensor([len(x) for x in waves])
             batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
             with torch.inference_mode():
@@ -83,13 +80,11 @@ def main() -> None:
             if args.features:
                 feats = {p: out["layers"][args.layer][j, : int(out["lengths"][j])].half().contiguous()
                          for j, p in enumerate(paths)}
-                tmp = Path(args.features) / f".shard_{len(shards):05d}.tmp"
+                tmp = Path(args.features) / f".shard_{n_shards:05d}.tmp"
                 save_file(feats, str(tmp), metadata={"teacher": args.teacher, "teacher_layer": str(args.layer)})
-                os.replace(tmp, Path(args.features) / f"shard_{len(shards):05d}.safetensors")
-                shards.append(tmp)
-                w.writerows([p, f"{m:.5f}"] for p, m in zip(paths, mos) if p not in labelled)
-            else:
-                w.writerows([p, f"{m:.5f}"] for p, m in zip(paths, mos))
+                os.replace(tmp, Path(args.features) / f"shard_{n_shards:05d}.safetensors")
+                n_shards += 1
+            w.writerows([p, f"{m:.5f}"] for p, m in zip(paths, mos) if p not in labelled)
             f.flush()
             print(f"{i + len(paths)}/{len(todo)} clips, {time.perf_counter() - t0:.0f} s", file=sys.stderr, end="\r")
     print(file=sys.stderr)
