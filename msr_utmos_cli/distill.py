@@ -69,6 +69,7 @@ class DistillData:
     rates: list[int] = field(default_factory=lambda: list(DEFAULT_RATES))  # presentation rates, one per batch
     crop_s: float = 2.0  # random crop length; shorter files are padded and masked
     min_s: float = 0.3  # files shorter than this are skipped
+    workers: int = 0  # threads that read and resample batches ahead (same batches; for GPUs, not 2-core CPUs)
 
 
 SECTIONS = {"model": DistillModel, "data": DistillData, "trainer": TrainConfig}
@@ -222,15 +223,16 @@ def collate(items: list[tuple], sr: int) -> dict:
 
 
 def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size: int, rank: int, world: int,
-                 seed: int, start: int):
+                 seed: int, start: int, workers: int = 0):
     """Endless batches; global batch g holds items g*B*world + [0, B*world), this rank takes its slice.
-
     Everything (rate, file order per epoch, crop) is a pure function of (seed, position), so the
-    stream restarts exactly at `start` and a 2-rank run sees the same items as one rank with 2B.
+    stream restarts exactly at `start`, a 2-rank run sees the same items as one rank with 2B, and
+    `workers` threads can build batches ahead (file reads and resampling release the GIL) without
+    changing a single sample: a GPU is otherwise left waiting on one CPU core.
     """
     n, B = len(clips), batch_size
-    g = start
-    while True:
+
+    def batch_at(g: int) -> dict:
         sr = int(rates[np.random.default_rng([seed, 1, g]).integers(len(rates))])
         items = []
         for k in range(B):
@@ -240,8 +242,23 @@ def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size:
             crop = int(round(crop_s * clip.info.sample_rate))
             off = frame_start(clip, int(np.random.default_rng([seed, 3, i]).integers(max(clip.info.frames - crop, 0) + 1)))
             items.append(present(clip, off, min(off + crop, clip.info.frames), sr))
-        yield collate(items, sr)
-        g += 1
+        return collate(items, sr)
+
+    if workers <= 0:
+        g = start
+        while True:
+            yield batch_at(g)
+            g += 1
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(workers, thread_name_prefix="utmos-data") as pool:
+        ahead = deque(pool.submit(batch_at, g) for g in range(start, start + 2 * workers))
+        g = start + 2 * workers
+        while True:
+            out = ahead.popleft().result()
+            ahead.append(pool.submit(batch_at, g))
+            g += 1
+            yield out
 
 
 # --- student --------------------------------------------------------------------------------
@@ -359,6 +376,7 @@ class DistillTask:
                               "data.dirs / data.lists / data.manifest")
         self.valid_clips = collect(data, data.valid_split, labels, feats, at_rate)[: data.valid_items] \
             if data.valid_split else []
+        self._valid_batches = None
         torch.manual_seed(trainer.seed)
         student = MOSModel(student_config(m, self.teacher))
         self.init_info = {"train_clips": len(self.clips)}
@@ -400,7 +418,7 @@ class DistillTask:
 
     def batches(self, rank: int, world: int, seed: int, start: int):
         return batch_stream(self.clips, self.data.rates, self.data.crop_s, self.trainer.batch_size, rank, world,
-                            seed, start)
+                            seed, start, self.data.workers)
 
     def audio_seconds(self, batch: dict) -> float:
         return float(batch["lengths"].sum()) / batch["sr"]
@@ -410,8 +428,9 @@ class DistillTask:
         if self.teacher is None:  # cached labels (and frames, at the index the pairs name)
             t = {"mos": batch["teacher_mos"], "lengths": batch["teacher_frames"],
                  "layers": [batch["teacher_feats"]] * (max((p[1] for p in self.model.pairs), default=-1) + 1)}
-        else:
-            t = self.teacher(batch["wave16"], batch["lengths16"])
+        else:  # in fp32 even under bf16 autocast: the targets are the teacher's, not a rounded copy of them
+            with torch.autocast(batch["wave16"].device.type, enabled=False):
+                t = self.teacher(batch["wave16"].float(), batch["lengths16"])
         feats, n, mos = self.model(batch["wave"], batch["lengths"], batch["sr"], self.use_mos)
         B = batch["wave"].shape[0]
         zero = batch["wave"].new_zeros(B)
@@ -440,16 +459,19 @@ class DistillTask:
         if not self.valid_clips:
             return None
         dev = next(self.model.parameters()).device
+        if self._valid_batches is None:  # the same batches every time: read and resample them once
+            self._valid_batches = []
+            for sr in self.data.rates:
+                for i in range(0, len(self.valid_clips), self.trainer.batch_size):
+                    chunk = self.valid_clips[i:i + self.trainer.batch_size]
+                    self._valid_batches.append(collate([present(c, 0, min(c.info.frames, int(round(
+                        self.data.crop_s * c.info.sample_rate))), sr) for c in chunk], sr))
         sums, count = {}, 0
-        for sr in self.data.rates:
-            for i in range(0, len(self.valid_clips), self.trainer.batch_size):
-                chunk = self.valid_clips[i:i + self.trainer.batch_size]
-                items = [present(c, 0, min(c.info.frames, int(round(self.data.crop_s * c.info.sample_rate))), sr)
-                         for c in chunk]
-                b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in collate(items, sr).items()}
-                for k, v in self.item_losses(b).items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach().sum())
-                count += len(chunk)
+        for batch in self._valid_batches:
+            b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+            for k, v in self.item_losses(b).items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach().sum())
+            count += len(batch["lengths"])
         return {f"valid_{k}": v / count for k, v in sorted(sums.items(), key=lambda kv: kv[0] != "loss")}
 
     def export(self, folder: Path, metadata: dict) -> None:

@@ -90,6 +90,19 @@ def test_batches_are_deterministic_one_rate_each_and_masked(assets):
     assert one["lengths"].tolist() == r0["lengths"].tolist() + r1["lengths"].tolist()
 
 
+def test_worker_threads_build_the_same_batches_in_the_same_order(assets):
+    from msr_utmos_cli.config import load_config
+
+    built, _ = load_config(None, overrides(assets, "unused"), distill.SECTIONS)
+    clips = distill.collect(built["data"], None)
+    inline = distill.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 3)
+    threaded = distill.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 3, workers=3)
+    for _ in range(9):  # more than the 2 * workers batches built ahead
+        x, y = next(inline), next(threaded)
+        assert x["sr"] == y["sr"] and torch.equal(x["wave"], y["wave"]) and torch.equal(x["lengths"], y["lengths"])
+    threaded.close()
+
+
 def test_resume_after_interruption_is_bitwise_identical(assets, tmp_path, monkeypatch):
     distill.run(None, overrides(assets, tmp_path / "full", 6))
     loss = distill.DistillTask.loss
