@@ -234,7 +234,7 @@ class SFIConv1d(nn.Module):
             if idx.numel() == 0:
                 continue
             windows = x[:, first[idx, None] + offsets]  # (B, F_p, L)
-            out[:, :, idx] = torch.einsum("bfl,cl->bcf", windows, taps[p])
+            out[:, :, idx] = torch.einsum("bfl,cl->bcf", windows, taps[p]).to(out.dtype)  # bf16 under autocast
         return out, out_lengths
 
     def extra_repr(self) -> str:

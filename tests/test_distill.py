@@ -1,6 +1,7 @@
 """Distillation end to end on a tiny teacher and synthetic multi-rate audio (CPU, seconds each)."""
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -101,6 +102,45 @@ def test_worker_threads_build_the_same_batches_in_the_same_order(assets):
         x, y = next(inline), next(threaded)
         assert x["sr"] == y["sr"] and torch.equal(x["wave"], y["wave"]) and torch.equal(x["lengths"], y["lengths"])
     threaded.close()
+
+
+def test_items_whose_band_fits_take_the_full_clip_targets(tmp_path):
+    """full_when_fits: below the clip's bandwidth nothing is lost, so no rate-specific target is taught."""
+    from msr_utmos_cli import audio
+
+    x = np.random.default_rng(0).standard_normal(48000).astype(np.float32) * 0.1
+    sf.write(tmp_path / "c.wav", x, 48000, subtype="FLOAT")
+    info = audio.probe(tmp_path / "c.wav")
+    full_feats, feats8 = torch.ones(60, 4), torch.zeros(60, 4)
+
+    def clip(bw, label=2.0):
+        return distill.Clip(info, bw, label, full_feats if label is not None else None,
+                            {8000: (4.0, feats8)} if label is not None else {})
+
+    for bw, fits in ((3000.0, True), (6000.0, False)):
+        on = distill.present(clip(bw), 0, 24000, 8000, full_when_fits=True)
+        off = distill.present(clip(bw), 0, 24000, 8000)
+        assert off[3] == 4.0 and torch.equal(off[4], feats8[: off[4].shape[0]])
+        assert on[3] == (2.0 if fits else 4.0)
+        assert torch.equal(on[4], (full_feats if fits else feats8)[: on[4].shape[0]])
+        live_on = distill.present(clip(bw, None), 0, 24000, 8000, full_when_fits=True)[1]
+        native16 = audio.resample(torch.from_numpy(x[:24000]), 48000, 16000)
+        via8k = audio.resample(audio.resample(torch.from_numpy(x[:24000]), 48000, 8000), 8000, 16000)
+        assert torch.equal(live_on, native16 if fits else via8k)
+    # At a rate above the band the at-rate targets are not used either way.
+    assert distill.present(clip(3000.0), 0, 24000, 16000)[3] == 2.0
+
+
+def test_bf16_autocast_trains(assets, tmp_path):
+    """CUDA runs default to bf16 autocast; on a CPU the same autocast reaches the same code paths."""
+    from msr_utmos_cli import load_model
+
+    s = distill.run(None, overrides(assets, tmp_path / "bf16", 3, **{"trainer.precision": "bf16"}))
+    rows = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert s["step"] == 3 and len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    mos = load_model(tmp_path / "bf16" / "last", "cpu").score(torch.randn(8000) * 0.1, 8000)
+    assert 1.0 <= mos <= 5.0
 
 
 def test_resume_after_interruption_is_bitwise_identical(assets, tmp_path, monkeypatch):
