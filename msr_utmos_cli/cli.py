@@ -39,7 +39,7 @@ def score(
                                                       "Default: the bundled default model.",
                                                  envvar="UTMOS_MODEL")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Most windows per batch (scores do not depend on it).")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Most windows per batch on CPU; GPUs run windows one at a time. Scores never depend on it.")] = 8,
     window: Annotated[float, typer.Option(min=1.0, help="Longest window in seconds; longer files are cut "
                                                         "into equal windows and all frame scores averaged.")] = 20.0,
     channel: Annotated[Optional[int], typer.Option(min=0, help="Score this channel (0-based) instead of the "

@@ -121,6 +121,11 @@ def _run_items(model: MOSModel, items: list[_Item], batch_size: int, batch_secon
     """Score items grouped by rate and sorted by length. Returns key -> [frame-score sum, frames, peak]."""
     acc: dict[int, list[float]] = {}
     order = sorted(items, key=lambda it: (it.sr, -it.length, it.key))
+    # CPU kernels compute each row the same whatever the batch shape; GPU libraries pick kernels by
+    # shape, which moved scores by ~1e-5 with batch size on an H200. There each window runs alone,
+    # so its shape, and its score, depend on the file only.
+    if model.device.type != "cpu":
+        batch_size = 1
     i = 0
     while i < len(order):
         sr, longest = order[i].sr, order[i].length
@@ -145,7 +150,8 @@ def _run_items(model: MOSModel, items: list[_Item], batch_size: int, batch_secon
         if not waves:
             continue
         pad = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
+                                                                allow_tf32=False):
             frames, n = model.frame_scores(pad, torch.tensor(lengths, device=model.device), sr)
             sums = frames.double().sum(1).cpu().tolist()
             counts = n.cpu().tolist()

@@ -127,3 +127,12 @@ def test_cuda_scores_match_cpu(tiny_model_dir):
     gpu = load_model(tiny_model_dir, "cuda").score(x, 24000)
     assert load_model(tiny_model_dir).device.type == "cuda"  # the default device is CUDA when available
     assert torch.allclose(cpu, gpu, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_cuda_scores_are_bitwise_independent_of_batch_size_and_neighbours(tiny_model_dir):
+    m = load_model(tiny_model_dir, "cuda")
+    waves = [speechlike(16000, d, seed=i) for i, d in enumerate((0.7, 2.0, 1.3, 3.1, 0.9))]
+    alone = [score_waveforms(m, [w], 16000)[0] for w in waves]
+    assert score_waveforms(m, waves, 16000, batch_size=8) == alone
+    assert score_waveforms(m, waves[::-1], 16000, batch_size=3) == alone[::-1]
