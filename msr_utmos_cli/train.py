@@ -97,7 +97,11 @@ def _device(name: str, local_rank: int) -> torch.device:
         name = f"cuda:{local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError("trainer.device is cuda but CUDA is not available")
-    return torch.device(name)
+    dev = torch.device(name)
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise TrainingError(f"rank {local_rank} needs {dev} but this machine has {torch.cuda.device_count()} GPU(s): "
+                            "start at most that many processes per node, or set trainer.device=cpu")
+    return dev
 
 
 def _all_reduce_(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -291,8 +295,8 @@ def fit(task: Task, cfg: TrainConfig, run_config: dict, resume: bool = False,
         stop = torch.zeros(1, device=device)
         if main and hasattr(task, "validate"):
             model.eval()
-            with torch.no_grad(), autocast:
-                metrics = task.validate()
+            with torch.no_grad():  # fp32 even when training in bf16: best/ is chosen on, and validation
+                metrics = task.validate()  # predictions equal, what scoring the saved model gives
             model.train()
             if metrics:
                 select_metric = select_metric or next(iter(metrics))

@@ -182,7 +182,7 @@ def test_ddp_two_ranks_identical_weights_and_global_batch(assets, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           str(tmp_path / "run.py"), *overrides(assets, out, 3)]
+           str(tmp_path / "run.py"), *overrides(assets, out, 3, **{"trainer.device": "cpu"})]  # gloo, any machine
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     w0, w1 = (torch.load(out / f"rank{i}.pt", weights_only=True) for i in (0, 1))
@@ -191,12 +191,22 @@ def test_ddp_two_ranks_identical_weights_and_global_batch(assets, tmp_path):
     assert recs[0]["global_batch"] == 4
     # The 2 x 2 run sees the same 4 items as one process with batch 4: same loss, same weights (to rounding).
     single = tmp_path / "single"
-    distill.run(None, overrides(assets, single, 3, **{"trainer.batch_size": 4}))
+    distill.run(None, overrides(assets, single, 3, **{"trainer.batch_size": 4, "trainer.device": "cpu"}))
     one = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
     assert abs(one[0]["loss"] - recs[0]["loss"]) < 1e-5
     ws = torch.load(single / "last" / "trainer_state.pt", weights_only=True)["model"]
     print("max |w_ddp - w_single|:", max((w0[k] - ws[k]).abs().max().item() for k in w0))
     assert max((w0[k] - ws[k]).abs().max().item() for k in w0) < 1e-3
+
+
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    from msr_utmos_cli import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert train._device("auto", 0) == torch.device("cuda:0")
+    with pytest.raises(train.TrainingError, match="rank 1 needs cuda:1 but this machine has 1 GPU"):
+        train._device("auto", 1)
 
 
 def write_yaml(path, text):

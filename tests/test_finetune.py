@@ -103,6 +103,20 @@ def test_best_is_a_scoring_model_and_predictions_are_readable(trained, data):
     assert res.exit_code == 0, res.output
 
 
+def test_predictions_under_bf16_training_equal_fp32_scoring(data, tmp_path):
+    """CUDA trains in bf16 by default; validation, and so predictions.csv, must still be what `score` gives."""
+    cfg = write_config(tmp_path / "ft.yaml", data, tmp_path / "ft", max_steps=6, ckpt_every=6, valid_every=6,
+                       precision="bf16")
+    res = invoke("finetune", "--config", cfg)
+    assert res.exit_code == 0, res.output
+    with open(tmp_path / "ft" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))[:3]
+    res = invoke("score", "--model", tmp_path / "ft" / "best", "--device", "cpu", "-q", *[r["path"] for r in rows])
+    assert res.exit_code == 0, res.output
+    scored = [float(r["mos"]) for r in csv.DictReader(res.stdout.splitlines())]
+    assert scored == pytest.approx([float(r["mos"]) for r in rows], abs=1e-4)
+
+
 def test_resume_is_exact(data, tmp_path, monkeypatch):
     cfg = write_config(tmp_path / "ft.yaml", data, tmp_path / "full", max_steps=4, ckpt_every=2, valid_every=100)
     overrides = ["data.valid=[]", "data.present_rates=[8000,16000]", "data.present_prob=1.0"]
