@@ -10,7 +10,8 @@
    At 8 kHz also against the teacher hearing the clip at 8 kHz too (resampled 8 kHz -> 16 kHz): what the
    student can hear at that rate, and what the default model is distilled towards at 8 kHz.
 2. Rate independence: every rate_ladder.csv clip scored at each rate it is stored at (no resampling);
-   spread = max - min over rates. Target: mean spread < 0.05 MOS.
+   spread = max - min over rates. Target: mean spread < 0.05 MOS. DistillMOS's own spread on the same
+   ladder (each rung resampled to 16 kHz, as it is used) is reported beside it.
 3. Severity order: pairs of clips of the same source utterance (utt_id) with different severity, within
    one degradation type (a clean clip is severity 0 of every type); the share the student (native rate)
    and the teacher rank the right way round (more severe -> lower; a tie counts half). The same over
@@ -129,6 +130,23 @@ def rate_ladder(model, corpus: Path, batch_size: int) -> dict:
         waves = [load(corpus / r["path"])[0] for r in rs]
         for r, s in zip(rs, score_waveforms(model, waves, sr, batch_size=batch_size)):
             scores[r["ladder_id"]][sr] = s
+    return ladder_stats(scores)
+
+
+def teacher_ladder(corpus: Path, cache_path: Path, device: str, batch_size: int) -> dict:
+    """The same ladder through DistillMOS as its users run it (each rung resampled to 16 kHz): the
+    teacher's own rate dependence, which a student copying it too closely inherits."""
+    rows = read_rows(corpus / "rate_ladder.csv", None)
+    mos = teacher_scores([corpus / r["path"] for r in rows], cache_path, device, batch_size)
+    scores: dict[str, dict[int, float]] = defaultdict(dict)
+    for r, m in zip(rows, mos):
+        scores[r["ladder_id"]][int(r["sample_rate"])] = m
+    return ladder_stats(scores)
+
+
+def ladder_stats(scores: dict[str, dict[int, float]]) -> dict:
+    """Spread (max - min over rates) per clip, and each rate's mean offset from the clip's own mean."""
+    by_rate = sorted({sr for v in scores.values() for sr in v})
     spread = {k: max(v.values()) - min(v.values()) for k, v in scores.items()}
     worst = max(spread, key=spread.get)
     offset = {sr: statistics.fmean(v[sr] - statistics.fmean(v.values()) for v in scores.values() if sr in v)
@@ -197,6 +215,10 @@ def print_tables(res: dict) -> None:
           f"({lad['worst_clip']}) | < {TARGET_SPREAD}: {'met' if lad['mean_spread'] < TARGET_SPREAD else 'NOT met'} |")
     print("\nmean offset from each clip's own mean, by rate: "
           + ", ".join(f"{r} Hz {v:+.3f}" for r, v in lad["mean_offset_by_rate"].items()))
+    t = res["rate_ladder_teacher"]
+    print(f"\nDistillMOS itself on the same ladder (each rung resampled to 16 kHz): mean spread {t['mean_spread']:.3f}, "
+          f"median {t['median_spread']:.3f}, worst {t['worst_spread']:.3f}; offsets "
+          + ", ".join(f"{r} Hz {v:+.3f}" for r, v in t["mean_offset_by_rate"].items()))
     sev = res["severity"]
     print("\n## Severity order (share of same-utterance pairs ranked more severe -> lower; ties count half)\n")
     print("| degradation | pairs | student (native rate) | DistillMOS (16 kHz) |")
@@ -290,6 +312,10 @@ def main() -> None:
     t0 = time.perf_counter()
     ladder = rate_ladder(model, args.corpus, args.batch_size)
     runtime["rate ladder"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ladder_t = teacher_ladder(args.corpus, args.out.resolve().parent / "teacher_distillmos_cache.json", args.device,
+                              args.batch_size)
+    runtime["teacher"] += time.perf_counter() - t0
 
     agree = {str(r): agreement(student[str(r)], teacher) for r in RATES}
     agree["native"] = agreement(student["native"], teacher)
@@ -300,7 +326,7 @@ def main() -> None:
            "agreement_teacher_heard_at_8000": {"8000": agreement(student["8000"], teacher8)},
            "targets": {"srcc_min": min(agree[str(r)]["srcc"] for r in RATES), "srcc_target": TARGET_SRCC,
                        "mean_spread": ladder["mean_spread"], "spread_target": TARGET_SPREAD},
-           "rate_ladder": ladder, "severity": severity_order(rows, student["native"], teacher),
+           "rate_ladder": ladder, "rate_ladder_teacher": ladder_t, "severity": severity_order(rows, student["native"], teacher),
            "clips": [{"path": r["path"], "sample_rate": int(r["sample_rate"]), "degradation": r["degradation"],
                       "severity": int(r["severity"]), "teacher": teacher[i],
                       **{k: v[i] for k, v in student.items()}} for i, r in enumerate(rows)]}

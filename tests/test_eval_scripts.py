@@ -74,6 +74,14 @@ def test_student_and_ladder_on_tiny_model(tiny_model_dir, tiny_corpus):
     assert lad["clips"] == 1 and lad["rates"] == [8000, 16000, 48000] and lad["worst_spread"] >= 0
 
 
+def test_ladder_stats_spread_and_offsets():
+    st = ev.ladder_stats({"a": {8000: 3.0, 16000: 2.8, 48000: 2.9}, "b": {8000: 4.0, 16000: 4.0, 48000: 4.3}})
+    assert st["mean_spread"] == pytest.approx(0.25) and st["worst_clip"] == "b"
+    assert st["worst_spread"] == pytest.approx(0.3) and st["median_spread"] == pytest.approx(0.25)
+    off = st["mean_offset_by_rate"]
+    assert (off["8000"], off["16000"], off["48000"]) == pytest.approx((0.0, -0.1, 0.1))
+
+
 def test_bench_peers_picks_spread_files(tiny_corpus):
     files = bench_peers.pick_files(tiny_corpus, 2)
     assert len(files) == 2 and all(p.exists() for p in files)
