@@ -389,3 +389,13 @@ def test_targets_at_a_rate_replace_the_full_band_ones_for_that_rate(assets, tmp_
     built, _ = load_config(None, bad, distill.SECTIONS)
     with pytest.raises(ConfigError, match="teacher_at_rate.8000"):
         distill.DistillTask(built["model"], built["data"], built["trainer"])
+
+
+@pytest.mark.parametrize("name", ["default_model", "default_model_gpu", "distill_distillmos", "distill_wav2vec2_base"])
+def test_shipped_distill_configs_parse(name):
+    from msr_utmos_cli.config import load_config
+
+    path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+    built, _ = load_config(path, [], distill.SECTIONS)
+    built["trainer"].validate()
+    assert built["data"].rates and built["model"].mos_loss in ("l1", "mse")
