@@ -236,6 +236,7 @@ def collate(items: list[tuple], sr: int) -> dict:
 def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size: int, rank: int, world: int,
                  seed: int, start: int, workers: int = 0, full_when_fits: bool = False):
     """Endless batches; global batch g holds items g*B*world + [0, B*world), this rank takes its slice.
+
     Everything (rate, file order per epoch, crop) is a pure function of (seed, position), so the
     stream restarts exactly at `start`, a 2-rank run sees the same items as one rank with 2B, and
     `workers` threads can build batches ahead (file reads and resampling release the GIL) without
