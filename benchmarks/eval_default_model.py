@@ -150,8 +150,8 @@ def ladder_stats(scores: dict[str, dict[int, float]]) -> dict:
     spread = {k: max(v.values()) - min(v.values()) for k, v in scores.items()}
     worst = max(spread, key=spread.get)
     offset = {sr: statistics.fmean(v[sr] - statistics.fmean(v.values()) for v in scores.values() if sr in v)
-              for sr in sorted(by_rate)}
-    return {"clips": len(scores), "rates": sorted(by_rate), "mean_spread": statistics.fmean(spread.values()),
+              for sr in by_rate}
+    return {"clips": len(scores), "rates": by_rate, "mean_spread": statistics.fmean(spread.values()),
             "median_spread": statistics.median(spread.values()), "worst_spread": spread[worst], "worst_clip": worst,
             "mean_offset_by_rate": {str(k): v for k, v in offset.items()}, "spread": spread,
             "scores": {k: {str(sr): s for sr, s in v.items()} for k, v in scores.items()}}
