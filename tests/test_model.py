@@ -40,6 +40,26 @@ def test_raw_forward_padding_invariance(model):
     assert torch.allclose(alone, padded, atol=1e-5)
 
 
+def test_sfi_norm_is_per_channel_over_valid_frames_and_bitwise_batch_invariant():
+    """The norm after the SFI layer: mean 0 / var 1 per channel over each item's valid frames only,
+    and an item's output is bitwise the same alone, padded, or beside other items."""
+    from msr_utmos_cli.model import MaskedGroupNorm
+
+    torch.manual_seed(0)
+    norm = MaskedGroupNorm(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0), norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(3, 6, 50) * 3 + 1
+    lengths = torch.tensor([50, 31, 0])
+    y = norm(x, lengths)
+    valid = x[1, :, :31]
+    ref = (valid - valid.mean(-1, keepdim=True)) / torch.sqrt(valid.var(-1, unbiased=False, keepdim=True) + norm.eps)
+    torch.testing.assert_close(y[1, :, :31], ref * norm.weight[:, None] + norm.bias[:, None])
+    assert torch.all(y[1, :, 31:] == 0) and torch.all(y[2] == 0)  # padding and empty items carry nothing
+    assert torch.equal(norm(x[1:2, :, :31], torch.tensor([31]))[0], y[1, :, :31])
+    assert torch.equal(norm(x[:1], lengths[:1])[0], y[0])
+
+
 def test_score_api_shapes_and_range(model):
     one = model.score(speechlike(16000, 1.0), 16000)
     two = model.score(np.stack([speechlike(48000, 1.0, 1), speechlike(48000, 1.0, 2)]), 48000)
