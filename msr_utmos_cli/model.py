@@ -101,7 +101,7 @@ class MaskedGroupNorm(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """x (B, C, F), lengths (B,) -> (B, C, F); padded frames are 0.
 
-        One native group_norm per item on its valid frames: 3x faster than masked sums at 3200
+        One native group_norm per item on its valid frames: ~2.8x faster than masked sums at 3200
         frames/s, and each item's result is bitwise the same whatever batch or padding it is in.
         """
         C, F = x.shape[1], x.shape[-1]
