@@ -59,6 +59,16 @@ class DistillModel:
     # and teacher_features) at every rate. DistillMOS scores a 3.5 kHz-band clip ~0.25 higher after 8 kHz than
     # at 16 kHz (rate ladder, 24 clips); without this the student learns that artefact of the teacher.
     full_targets_when_band_fits: bool = False
+    # Rates whose batches are taught by the student itself instead of the teacher: its own outputs (features
+    # at the paired layers and MOS, eval mode, no gradient) for the same audio resampled to
+    # consistency_reference_rate. Same content, so the same answer at every rate: the teacher's view of a
+    # clip heard at 8 kHz carries artefacts of its own (DistillMOS scores 8 kHz-band audio higher after an
+    # 8 kHz round trip), which a student taught by it reproduces as an offset at 8 kHz.
+    consistency_rates: list[int] = field(default_factory=list)
+    consistency_reference_rate: int = 16000
+    # Start from another distillation run's weights (its checkpoint folder, e.g. runs/x/last: student and
+    # projections) or from a model (folder or name: the student only), with a fresh optimizer and schedule.
+    init_from: str | None = None
 
 
 @dataclass
@@ -185,17 +195,22 @@ def collect(data: DistillData, split: str | None, labels: dict[str, float] | Non
     return clips
 
 
-def present(clip: Clip, start: int, stop: int, sr: int, full_when_fits: bool = False) -> tuple:
+def present(clip: Clip, start: int, stop: int, sr: int, full_when_fits: bool = False,
+            reference_rate: int | None = None) -> tuple:
     """Samples [start, stop) at rate `sr` (band-limited resampling), at 16 kHz for the teacher (empty when
     the teacher's labels are cached), the bandwidth they really have (upsampling never adds content above
     the native Nyquist), the cached label (NaN when none) and the cached teacher frames from `start` on
     ((0, 0) when none; `start` should then fall on a frame, see `frame_start`).
     full_when_fits: when the clip's bandwidth fits below sr / 2, the teacher's view is the native audio's
-    (see DistillModel.full_targets_when_band_fits)."""
+    (see DistillModel.full_targets_when_band_fits).
+    reference_rate: the 16 kHz slot instead holds the presented audio resampled to that rate (the input of
+    the student's own targets, see DistillModel.consistency_rates)."""
     x = torch.from_numpy(audio.read_segment(clip.info, start, stop).copy())
     y = audio.resample(x, clip.info.sample_rate, sr)
     fits = full_when_fits and clip.bandwidth_hz <= sr / 2
-    if clip.label is not None:
+    if reference_rate:
+        y16 = audio.resample(y, sr, reference_rate)
+    elif clip.label is not None:
         y16 = y.new_zeros(0)
     else:
         y16 = audio.resample(x, clip.info.sample_rate, SAMPLE_RATE) if fits else audio.resample(y, sr, SAMPLE_RATE)
@@ -234,7 +249,8 @@ def collate(items: list[tuple], sr: int) -> dict:
 
 
 def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size: int, rank: int, world: int,
-                 seed: int, start: int, workers: int = 0, full_when_fits: bool = False):
+                 seed: int, start: int, workers: int = 0, full_when_fits: bool = False,
+                 consistency: tuple[list[int], int] = ((), 0)):
     """Endless batches; global batch g holds items g*B*world + [0, B*world), this rank takes its slice.
 
     Everything (rate, file order per epoch, crop) is a pure function of (seed, position), so the
@@ -253,7 +269,8 @@ def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size:
             clip = clips[int(np.random.default_rng([seed, 2, epoch]).permutation(n)[i % n])]
             crop = int(round(crop_s * clip.info.sample_rate))
             off = frame_start(clip, int(np.random.default_rng([seed, 3, i]).integers(max(clip.info.frames - crop, 0) + 1)))
-            items.append(present(clip, off, min(off + crop, clip.info.frames), sr, full_when_fits))
+            items.append(present(clip, off, min(off + crop, clip.info.frames), sr, full_when_fits,
+                                 consistency[1] if sr in consistency[0] else None))
         return collate(items, sr)
 
     if workers <= 0:
@@ -358,6 +375,13 @@ class DistillTask:
                 raise ConfigError(f"data.rates: {r} outside {audio.MIN_RATE}-{audio.MAX_RATE} Hz")
         if not data.rates:
             raise ConfigError("data.rates: empty")
+        for r in m.consistency_rates:
+            if r not in data.rates or r == m.consistency_reference_rate:
+                raise ConfigError(f"model.consistency_rates: {r} must be one of data.rates and differ from "
+                                  f"model.consistency_reference_rate ({m.consistency_reference_rate})")
+        if m.consistency_rates and not audio.MIN_RATE <= m.consistency_reference_rate <= audio.MAX_RATE:
+            raise ConfigError(f"model.consistency_reference_rate: {m.consistency_reference_rate} outside "
+                              f"{audio.MIN_RATE}-{audio.MAX_RATE} Hz")
         self.m, self.data, self.trainer = m, data, trainer
         labels = read_teacher_labels(m.teacher_labels) if m.teacher_labels else None
         feats, cached_layer = None, None
@@ -413,6 +437,28 @@ class DistillTask:
                                   f"teacher 0-{len(tdims) - 1})")
         self.use_mos = (self.teacher is None or self.teacher.has_mos) and m.mos_weight > 0
         self.model = Distiller(student, [list(p) for p in pairs], tdims)
+        if m.init_from:
+            self.init_info["init_from"] = self.load_init(m.init_from)
+
+    def load_init(self, source: str) -> str:
+        """model.init_from: weights from a distillation checkpoint folder or a model; the shapes must match."""
+        from .checkpoint import ModelLoadError, load_model
+        from .train import STATE_FILE, TrainingError, load_trainer_state
+
+        try:
+            if (Path(source) / STATE_FILE).is_file():
+                self.model.load_state_dict(load_trainer_state(Path(source))["model"])
+                return f"{source} (student and projections)"
+            other = load_model(source, "cpu")
+            if other.cfg != self.model.student.cfg:
+                raise ConfigError(f"model.init_from: {source} is a different architecture from model.student")
+            self.model.student.load_state_dict(other.state_dict())
+            return f"{source} (student)"
+        except ModelLoadError as e:
+            raise ConfigError(f"model.init_from: {e}") from None
+        except (RuntimeError, TrainingError) as e:
+            raise ConfigError(f"model.init_from: {source}: weights do not fit this student "
+                              f"({str(e).splitlines()[0]})") from None
 
     def default_pairs(self, n_student: int, n_teacher: int) -> list[list[int]]:
         """wav2vec2: CNN output and every encoder layer, spread evenly when depths differ.
@@ -430,14 +476,17 @@ class DistillTask:
 
     def batches(self, rank: int, world: int, seed: int, start: int):
         return batch_stream(self.clips, self.data.rates, self.data.crop_s, self.trainer.batch_size, rank, world,
-                            seed, start, self.data.workers, self.m.full_targets_when_band_fits)
+                            seed, start, self.data.workers, self.m.full_targets_when_band_fits,
+                            (self.m.consistency_rates, self.m.consistency_reference_rate))
 
     def audio_seconds(self, batch: dict) -> float:
         return float(batch["lengths"].sum()) / batch["sr"]
 
     def item_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per-item loss terms (B,) so that averages over ranks equal averages over the global batch."""
-        if self.teacher is None:  # cached labels (and frames, at the index the pairs name)
+        if batch["sr"] in self.m.consistency_rates:
+            t = self.own_targets(batch)
+        elif self.teacher is None:  # cached labels (and frames, at the index the pairs name)
             t = {"mos": batch["teacher_mos"], "lengths": batch["teacher_frames"],
                  "layers": [batch["teacher_feats"]] * (max((p[1] for p in self.model.pairs), default=-1) + 1)}
         else:  # in fp32 even under bf16 autocast: the targets are the teacher's, not a rounded copy of them
@@ -462,6 +511,21 @@ class DistillTask:
         out["loss"] = total + (self.m.mos_weight * out["mos"] if self.use_mos else 0)
         return out
 
+    def own_targets(self, batch: dict) -> dict:
+        """The student's outputs for the batch at the reference rate (batch["wave16"] holds it there)."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                feats, n, mos = self.model(batch["wave16"], batch["lengths16"], self.m.consistency_reference_rate,
+                                           self.use_mos)
+        finally:
+            self.model.train(was)
+        layers: list = [None] * (max((p[1] for p in self.model.pairs), default=-1) + 1)
+        for f, (_, ti) in zip(feats, self.model.pairs):
+            layers[ti] = f
+        return {"mos": mos, "lengths": n, "layers": layers}
+
     def loss(self, batch: dict, step: int):
         parts = {k: v.mean() for k, v in self.item_losses(batch).items()}
         return parts.pop("loss"), {k: float(v.detach()) for k, v in parts.items()}
@@ -477,7 +541,8 @@ class DistillTask:
                 for i in range(0, len(self.valid_clips), self.trainer.batch_size):
                     chunk = self.valid_clips[i:i + self.trainer.batch_size]
                     self._valid_batches.append(collate([present(c, 0, min(c.info.frames, int(round(
-                        self.data.crop_s * c.info.sample_rate))), sr, self.m.full_targets_when_band_fits)
+                        self.data.crop_s * c.info.sample_rate))), sr, self.m.full_targets_when_band_fits,
+                        self.m.consistency_reference_rate if sr in self.m.consistency_rates else None)
                         for c in chunk], sr))
         sums, count = {}, 0
         for batch in self._valid_batches:

@@ -391,7 +391,8 @@ def test_targets_at_a_rate_replace_the_full_band_ones_for_that_rate(assets, tmp_
         distill.DistillTask(built["model"], built["data"], built["trainer"])
 
 
-@pytest.mark.parametrize("name", ["default_model", "default_model_gpu", "distill_distillmos", "distill_wav2vec2_base"])
+@pytest.mark.parametrize("name", ["default_model", "default_model_consistency", "default_model_gpu", "distill_distillmos",
+                                  "distill_wav2vec2_base"])
 def test_shipped_distill_configs_parse(name):
     from msr_utmos_cli.config import load_config
 
@@ -399,3 +400,95 @@ def test_shipped_distill_configs_parse(name):
     built, _ = load_config(path, [], distill.SECTIONS)
     built["trainer"].validate()
     assert built["data"].rates and built["model"].mos_loss in ("l1", "mse")
+
+
+def _cached_label_sets(assets, tmp_path, full=4.5):
+    wavs = sorted((assets / "wav").glob("*.wav"))
+    for p in wavs:
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "full.csv").write_text("path,teacher_mos\n" + "".join(f"{p.name},{full}\n" for p in wavs))
+    return {"model.teacher": "no-such-teacher", "model.teacher_labels": tmp_path / "full.csv",
+            "model.init_from_teacher": "false", "model.layers": "[]", "model.mos_loss": "mse",
+            "data.dirs": f"[{tmp_path}]", "data.rates": "[8000,16000]"}
+
+
+def test_consistency_rates_are_taught_by_the_students_own_16k_output(assets, tmp_path):
+    """model.consistency_rates: an 8 kHz batch's MOS target is the student's own (eval-mode, no-grad) score
+    of the same audio upsampled to 16 kHz, not the teacher's label; 16 kHz batches keep the label."""
+    from msr_utmos_cli.audio import resample
+    from msr_utmos_cli.config import ConfigError, load_config
+
+    base = _cached_label_sets(assets, tmp_path)
+    sets = overrides(assets, tmp_path / "run", 1, **base, **{"model.consistency_rates": "[8000]",
+                                                            "model.student_overrides": "{head_dropout: 0.5}"})
+    built, _ = load_config(None, sets, distill.SECTIONS)
+    task = distill.DistillTask(built["model"], built["data"], built["trainer"])
+    task.model.train()
+    seen = set()
+    for batch in task.batches(0, 1, 0, 0):
+        torch.manual_seed(0)
+        got = task.item_losses(batch)["mos"]
+        assert task.model.training  # the target pass put it back in training mode
+        if batch["sr"] == 8000:
+            for i, n in enumerate(batch["lengths"].tolist()):  # the reference input is the same audio at 16 kHz
+                want = resample(batch["wave"][i, :n], 8000, 16000)
+                assert torch.allclose(batch["wave16"][i, :want.shape[0]], want) and batch["lengths16"][i] == want.shape[0]
+            task.model.eval()
+            with torch.no_grad():
+                _, _, ref = task.model(batch["wave16"], batch["lengths16"], 16000, True)
+            task.model.train()
+            torch.manual_seed(0)
+            _, _, mos = task.model(batch["wave"], batch["lengths"], 8000, True)
+            assert torch.allclose(got, (mos - ref) ** 2, atol=1e-6)
+            assert not torch.allclose(got, (mos - 4.5) ** 2, atol=1e-3)
+        else:
+            assert batch["wave16"].numel() == 0 and torch.all(batch["teacher_mos"] == 4.5)
+        seen.add(batch["sr"])
+        if len(seen) == 2:
+            break
+    for bad in ("[16000]", "[12000]"):  # the reference rate itself, or a rate never presented
+        built, _ = load_config(None, overrides(assets, tmp_path / "bad", 1, **base,
+                                               **{"model.consistency_rates": bad}), distill.SECTIONS)
+        with pytest.raises(ConfigError, match="consistency_rates"):
+            distill.DistillTask(built["model"], built["data"], built["trainer"])
+
+
+def test_init_from_a_checkpoint_or_a_model_starts_from_its_weights(assets, tmp_path):
+    """model.init_from: a distillation checkpoint folder gives student and projections, a model folder the
+    student; a different architecture or a missing folder is a one-line config error naming it."""
+    import shutil
+    from safetensors.torch import save_file
+    from msr_utmos_cli.config import ConfigError, load_config
+
+    wavs = sorted((assets / "wav").glob("*.wav"))
+    base = {**_cached_label_sets(assets, tmp_path), "model.layers": "[[2,1]]",
+            "model.teacher_features": tmp_path / "feats"}
+    (tmp_path / "feats").mkdir()
+    save_file(_frame_features(wavs), str(tmp_path / "feats" / "a.safetensors"), metadata={"teacher_layer": "1"})
+    distill.run(None, overrides(assets, tmp_path / "a", 3, **base))
+    ckpt = tmp_path / "a" / "last"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)["model"]
+    assert any(k.startswith("proj.") for k in state)
+
+    def task_from(source, **extra):
+        built, _ = load_config(None, overrides(assets, tmp_path / "b", 1, **base, **{"model.init_from": source,
+                                                                                   **extra}), distill.SECTIONS)
+        return distill.DistillTask(built["model"], built["data"], built["trainer"])
+
+    fresh = task_from("null")
+    assert any(not torch.equal(v, state[k]) for k, v in fresh.model.state_dict().items())
+    task = task_from(ckpt)
+    assert all(torch.equal(v, state[k]) for k, v in task.model.state_dict().items())
+    model_only = tmp_path / "model_only"
+    model_only.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(ckpt / f, model_only / f)
+    task = task_from(model_only)
+    assert all(torch.equal(v, state["student." + k]) for k, v in task.model.student.state_dict().items())
+    assert not torch.equal(task.model.proj[0].weight, state["proj.0.weight"])  # projections start fresh
+    with pytest.raises(ConfigError, match="different architecture"):
+        task_from(model_only, **{"model.student_overrides": "{num_layers: 3}"})
+    with pytest.raises(ConfigError, match="do not fit"):
+        task_from(ckpt, **{"model.student_overrides": "{num_layers: 3}"})
+    with pytest.raises(ConfigError, match="init_from.*no-such"):
+        task_from(tmp_path / "no-such")
