@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from . import audio
-from .checkpoint import save_model
+from .checkpoint import ModelLoadError, load_model, save_model
 from .config import ConfigError, load_config
 from .model import PRESETS, ModelConfig, MOSModel
 from .sfi import fit_to_kernel
 from .teachers import SAMPLE_RATE, Teacher, Wav2Vec2Teacher, load_teacher
-from .train import TrainConfig, fit
+from .train import STATE_FILE, TrainConfig, TrainingError, fit, load_trainer_state
 
 DEFAULT_RATES = [8000, 16000, 22050, 24000, 32000, 44100, 48000]
 
@@ -442,9 +442,6 @@ class DistillTask:
 
     def load_init(self, source: str) -> str:
         """model.init_from: weights from a distillation checkpoint folder or a model; the shapes must match."""
-        from .checkpoint import ModelLoadError, load_model
-        from .train import STATE_FILE, TrainingError, load_trainer_state
-
         try:
             if (Path(source) / STATE_FILE).is_file():
                 self.model.load_state_dict(load_trainer_state(Path(source))["model"])
