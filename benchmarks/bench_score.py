@@ -4,7 +4,7 @@
 
 Prints audio seconds per wall second (median of repeats) for
   - bare:     torchaudio.models.wav2vec2_base() forward on the 16 kHz audio (batch of equal-length clips),
-  - pipeline: write_scores() over the same files as WAVs (read, batch, SFI layer, encoder, head, CSV),
+  - pipeline: write_scores() over the same files as WAVs (read, window, SFI layer, encoder, head, CSV),
   - mixed:    the pipeline over the same audio written at 8-48 kHz,
 and the peak RSS of scoring one long file in a fresh process. Random weights: speed does not depend on them.
 """
@@ -57,7 +57,7 @@ with sf.SoundFile(p, "w", sr, 1, "PCM_16") as f:
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 m = load_model({model_dir!r}, {device!r})
 t0 = time.perf_counter()
-s = write_scores(m, [p], os.path.join(d, "out.csv"), batch_size=8)
+s = write_scores(m, [p], os.path.join(d, "out.csv"))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t0, s["scored"])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=24)
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="the bare baseline's batch")
     ap.add_argument("--long-minutes", type=float, default=30.0, help="0 skips the long-file run")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -99,7 +99,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     def run_pipeline(folder):
-        return lambda: write_scores(model, [str(tmp / folder)], str(tmp / "out.csv"), batch_size=args.batch_size)
+        return lambda: write_scores(model, [str(tmp / folder)], str(tmp / "out.csv"))
 
     t_bare = timed(run_bare, args.repeats)
     t_pipe = timed(run_pipeline("w16"), args.repeats)
@@ -107,7 +107,7 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({cpu}, {os.cpu_count()} cores)"
     print(f"\nmachine: {dev}; torch {torch.__version__}; {args.files} files x {args.seconds:.0f} s; "
-          f"batch {args.batch_size}; median of {args.repeats}")
+          f"bare batch {args.batch_size}; median of {args.repeats}")
     print(f"{'run':<44}{'wall s':>9}{'audio s / s':>13}{'vs bare':>9}")
     print(f"{'bare torchaudio wav2vec2_base forward, 16 kHz':<44}{t_bare:>9.2f}{audio_s / t_bare:>13.1f}{1.0:>9.2f}")
     print(f"{'utmos score pipeline (' + args.preset + '), same 16 kHz WAVs':<44}{t_pipe:>9.2f}"

@@ -94,13 +94,13 @@ def teacher_scores(paths: list[Path], cache_path: Path, device: str, batch_size:
 
 
 # --- student -------------------------------------------------------------------------------
-def student_at_rates(model, paths: list[Path], rates, batch_size: int) -> dict[str, list[float]]:
+def student_at_rates(model, paths: list[Path], rates) -> dict[str, list[float]]:
     """Student MOS per presentation: {"8000": [...], ..., "native": [...]} (native = the file's own rate)."""
     audio = [load(p) for p in paths]
     out: dict[str, list[float]] = {}
     for rate in rates:
         waves = [resample(w, sr, rate) for w, sr in audio]
-        out[str(rate)] = score_waveforms(model, waves, rate, batch_size=batch_size)
+        out[str(rate)] = score_waveforms(model, waves, rate)
     # At a presentation rate equal to the file's rate the input is the file itself: reuse that score.
     out["native"] = [out[str(sr)][i] if sr in rates else math.nan for i, (_, sr) in enumerate(audio)]
     by_rate = defaultdict(list)
@@ -108,7 +108,7 @@ def student_at_rates(model, paths: list[Path], rates, batch_size: int) -> dict[s
         if sr not in rates:
             by_rate[sr].append(i)
     for sr, idx in by_rate.items():
-        for i, s in zip(idx, score_waveforms(model, [audio[i][0] for i in idx], sr, batch_size=batch_size)):
+        for i, s in zip(idx, score_waveforms(model, [audio[i][0] for i in idx], sr)):
             out["native"][i] = s
     return out
 
@@ -120,7 +120,7 @@ def agreement(student: list[float], teacher: list[float]) -> dict:
             "mad": float(np.abs(s - t).mean()), "bias": float((s - t).mean())}
 
 
-def rate_ladder(model, corpus: Path, batch_size: int) -> dict:
+def rate_ladder(model, corpus: Path) -> dict:
     rows = read_rows(corpus / "rate_ladder.csv", None)
     by_rate = defaultdict(list)
     for r in rows:
@@ -128,7 +128,7 @@ def rate_ladder(model, corpus: Path, batch_size: int) -> dict:
     scores: dict[str, dict[int, float]] = defaultdict(dict)
     for sr, rs in sorted(by_rate.items()):
         waves = [load(corpus / r["path"])[0] for r in rs]
-        for r, s in zip(rs, score_waveforms(model, waves, sr, batch_size=batch_size)):
+        for r, s in zip(rs, score_waveforms(model, waves, sr)):
             scores[r["ladder_id"]][sr] = s
     return ladder_stats(scores)
 
@@ -285,7 +285,7 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", type=Path, default=Path("eval_results.json"))
     ap.add_argument("--plots", type=Path, default=None, help="folder for eval_agreement.png, eval_rate_ladder.png")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16, help="DistillMOS batch (the student scores each clip alone)")
     ap.add_argument("--max-clips", type=int, default=0, help="first N clips of the split only (smoke runs)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -307,10 +307,10 @@ def main() -> None:
                               args.batch_size, hear_at=8000)
     runtime["teacher"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    student = student_at_rates(model, paths, RATES, args.batch_size)
+    student = student_at_rates(model, paths, RATES)
     runtime["student"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ladder = rate_ladder(model, args.corpus, args.batch_size)
+    ladder = rate_ladder(model, args.corpus)
     runtime["rate ladder"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ladder_t = teacher_ladder(args.corpus, args.out.resolve().parent / "teacher_distillmos_cache.json", args.device,

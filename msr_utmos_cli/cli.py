@@ -39,7 +39,6 @@ def score(
                                                       "Default: the bundled default model.",
                                                  envvar="UTMOS_MODEL")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Most windows per batch on CPU; GPUs run windows one at a time. Scores never depend on it.")] = 8,
     window: Annotated[float, typer.Option(min=1.0, help="Longest window in seconds; longer files are cut "
                                                         "into equal windows and all frame scores averaged.")] = 20.0,
     channel: Annotated[Optional[int], typer.Option(min=0, help="Score this channel (0-based) instead of the "
@@ -75,7 +74,7 @@ def score(
     try:
         summary = write_scores(net, paths, out, fmt, resume=resume, recursive=recursive,
                                progress=None if bar is None else lambda rows: bar.update(len(rows)),
-                               batch_size=batch_size, window_s=window, channel=channel, chunk_files=chunk_files)
+                               window_s=window, channel=channel, chunk_files=chunk_files)
     except ReaderGone:  # `| head`: no message, the SIGPIPE status; stdout is dropped so exit does not flush into it
         import os
 

@@ -211,7 +211,7 @@ class MOSModel(nn.Module):
         frames, n = self.frame_scores(wave, lengths, sr, domain, listener)
         return frames.sum(1) / n.clamp(min=1)
 
-    def score(self, wave, sr: int, window_s: float = 20.0, batch_size: int = 8) -> torch.Tensor:
+    def score(self, wave, sr: int, window_s: float = 20.0) -> torch.Tensor:
         """MOS on the 1-5 scale for one waveform (T,) or a batch (B, T) of equal-length waveforms -> (B,).
 
         Long inputs are cut into equal windows of at most `window_s` seconds; the score is the mean
@@ -221,7 +221,7 @@ class MOSModel(nn.Module):
 
         wave = torch.as_tensor(wave, dtype=torch.float32)
         wave = wave[None] if wave.dim() == 1 else wave
-        return torch.tensor(score_waveforms(self, list(wave), sr, window_s=window_s, batch_size=batch_size))
+        return torch.tensor(score_waveforms(self, list(wave), sr, window_s=window_s))
 
     def config_dict(self) -> dict:
         return self.cfg.to_dict()

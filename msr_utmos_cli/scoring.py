@@ -1,9 +1,11 @@
-"""Scoring many files: walk inputs, window long files, batch by rate and length, aggregate per file.
+"""Scoring many files: walk inputs, window long files, score each window alone, aggregate per file.
 
-Determinism: every item is padded with zeros and every padded sample/frame is masked
-(normalisation statistics, attention, the BLSTM, the frame mean), so a file's score does not
-depend on batch size, batch neighbours or order. A long file is cut into equal windows of at
-most `window_s`; its score is the mean of all frame scores of all windows.
+Determinism: each window runs through the model alone, on CPU and GPU, so a file's score is a
+function of the file (and the machine's kernels) only, bitwise: never of batch size, neighbours
+or order. Batching padded windows was measured to move scores by 1-2 float32 ulps on CPU too
+(oneDNN/MKL pick kernels by shape), which flipped the 5th decimal of a CSV score on a 16-core
+machine, and bought 0-5% on 2 cores. A long file is cut into equal windows of at most
+`window_s`; its score is the mean of all frame scores of all windows.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from .audio import AUDIO_EXTENSIONS, SILENCE_PEAK, AudioError, probe, read_segme
 from .model import MOSModel, clip_mos
 
 DEFAULT_WINDOW_S = 20.0
-DEFAULT_BATCH_SECONDS = 40.0  # audio per batch: bounds memory whatever --batch-size says
 
 
 @dataclass
@@ -91,7 +92,7 @@ def iter_inputs(inputs: Iterable[str], recursive: bool = True) -> Iterator[tuple
                 yield p, ""
 
 
-# --- the batched engine ------------------------------------------------------
+# --- the engine ------------------------------------------------------------
 def min_samples(model: MOSModel, sr: int) -> int:
     """Fewest samples that give one frame at the head (25 ms for wav2vec2 geometry)."""
     frames = 1
@@ -112,57 +113,34 @@ def windows(frames: int, sr: int, window_s: float) -> list[tuple[int, int]]:
 class _Item:
     key: int
     sr: int
-    length: int
     load: Callable[[], np.ndarray]
 
 
-def _run_items(model: MOSModel, items: list[_Item], batch_size: int, batch_seconds: float,
+def _run_items(model: MOSModel, items: list[_Item],
                on_error: Callable[[int, str], None]) -> dict[int, list[float]]:
-    """Score items grouped by rate and sorted by length. Returns key -> [frame-score sum, frames, peak]."""
+    """Score items one window at a time. Returns key -> [frame-score sum, frames, peak]."""
     acc: dict[int, list[float]] = {}
-    order = sorted(items, key=lambda it: (it.sr, -it.length, it.key))
-    # CPU kernels compute each row the same whatever the batch shape; GPU libraries pick kernels by
-    # shape, which moved scores by ~1e-5 with batch size on an H200. There each window runs alone,
-    # so its shape, and its score, depend on the file only.
-    if model.device.type != "cpu":
-        batch_size = 1
-    i = 0
-    while i < len(order):
-        sr, longest = order[i].sr, order[i].length
-        cap = max(1, min(batch_size, int(batch_seconds * sr // max(longest, 1))))
-        batch = [it for it in order[i:i + cap] if it.sr == sr]
-        i += len(batch)
-        waves, lengths, keys = [], [], []
-        for it in batch:
-            try:
-                x = it.load()
-            except AudioError as e:
-                on_error(it.key, str(e))
-                continue
-            if not np.isfinite(x).all():
-                on_error(it.key, "audio contains NaN or Inf samples")
-                continue
-            a = acc.setdefault(it.key, [0.0, 0, 0.0])
-            a[2] = max(a[2], float(np.abs(x).max()) if x.size else 0.0)
-            waves.append(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-            lengths.append(x.shape[0])
-            keys.append(it.key)
-        if not waves:
+    for it in items:
+        try:
+            x = it.load()
+        except AudioError as e:
+            on_error(it.key, str(e))
             continue
-        pad = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(model.device)
+        if not np.isfinite(x).all():
+            on_error(it.key, "audio contains NaN or Inf samples")
+            continue
+        a = acc.setdefault(it.key, [0.0, 0, 0.0])
+        a[2] = max(a[2], float(np.abs(x).max()) if x.size else 0.0)
+        wave = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(model.device)  # (1, T)
         with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
                                                                 allow_tf32=False):
-            frames, n = model.frame_scores(pad, torch.tensor(lengths, device=model.device), sr)
-            sums = frames.double().sum(1).cpu().tolist()
-            counts = n.cpu().tolist()
-        for k, s, c in zip(keys, sums, counts):
-            acc[k][0] += s
-            acc[k][1] += c
+            frames, n = model.frame_scores(wave, torch.tensor([x.shape[0]], device=model.device), it.sr)
+            a[0] += float(frames.double().sum())
+            a[1] += int(n[0])
     return acc
 
 
-def score_waveforms(model: MOSModel, waves: list, sr: int, window_s: float = DEFAULT_WINDOW_S,
-                    batch_size: int = 8, batch_seconds: float = DEFAULT_BATCH_SECONDS) -> list[float]:
+def score_waveforms(model: MOSModel, waves: list, sr: int, window_s: float = DEFAULT_WINDOW_S) -> list[float]:
     """MOS (1-5) for in-memory waveforms (each (T,)) at rate sr; raises ValueError on unusable input."""
     need = min_samples(model, sr)
     items = []
@@ -171,21 +149,20 @@ def score_waveforms(model: MOSModel, waves: list, sr: int, window_s: float = DEF
         if w.shape[0] < need:
             raise ValueError(f"input {key} is too short: {w.shape[0]} samples, need at least {need} at {sr} Hz")
         for a, b in windows(w.shape[0], sr, window_s):
-            items.append(_Item(key, sr, b - a, lambda w=w, a=a, b=b: w[a:b]))
+            items.append(_Item(key, sr, lambda w=w, a=a, b=b: w[a:b]))
 
     def fail(key: int, msg: str) -> None:
         raise ValueError(f"input {key}: {msg}")
 
-    acc = _run_items(model, items, batch_size, batch_seconds, fail)
+    acc = _run_items(model, items, fail)
     return [float(clip_mos(torch.tensor(acc[k][0] / acc[k][1]))) for k in range(len(waves))]
 
 
-def score_files(model: MOSModel, paths: Iterable[tuple[str, str]], batch_size: int = 8,
-                window_s: float = DEFAULT_WINDOW_S, channel: int | None = None, chunk_files: int = 64,
-                batch_seconds: float = DEFAULT_BATCH_SECONDS) -> Iterator[list[Row]]:
+def score_files(model: MOSModel, paths: Iterable[tuple[str, str]], window_s: float = DEFAULT_WINDOW_S,
+                channel: int | None = None, chunk_files: int = 64) -> Iterator[list[Row]]:
     """Score (path, error) pairs chunk by chunk; yields each chunk's rows in input order.
 
-    Only one chunk's windows are planned at a time and samples are read batch by batch,
+    Only one chunk's windows are planned at a time and samples are read window by window,
     so memory stays bounded for any number of files and any file length.
     """
     it = iter(paths)
@@ -211,13 +188,13 @@ def score_files(model: MOSModel, paths: Iterable[tuple[str, str]], batch_size: i
                 row.error = f"channel {channel} requested but the file has {info.channels} channel(s)"
                 continue
             for a, b in windows(info.frames, info.sample_rate, window_s):
-                items.append(_Item(key, info.sample_rate, b - a,
+                items.append(_Item(key, info.sample_rate,
                                    lambda info=info, a=a, b=b: read_segment(info, a, b, channel)))
 
         def fail(key: int, msg: str) -> None:
             rows[key].error = rows[key].error or msg
 
-        acc = _run_items(model, items, batch_size, batch_seconds, fail)
+        acc = _run_items(model, items, fail)
         for key, row in enumerate(rows):
             if row.error or key not in acc:
                 continue

@@ -66,11 +66,11 @@ def test_student_and_ladder_on_tiny_model(tiny_model_dir, tiny_corpus):
     model = load_model(tiny_model_dir, "cpu")
     rows = ev.read_rows(tiny_corpus / "manifest.csv", "test")
     paths = [tiny_corpus / r["path"] for r in rows]
-    out = ev.student_at_rates(model, paths, (8000, 16000, 48000), batch_size=2)
+    out = ev.student_at_rates(model, paths, (8000, 16000, 48000))
     assert set(out) == {"8000", "16000", "48000", "native"}
     assert out["native"][0] == out["8000"][0] and out["native"][1] == out["16000"][1]  # reused, not rescored
     assert all(1 <= s <= 5 for v in out.values() for s in v)
-    lad = ev.rate_ladder(model, tiny_corpus, batch_size=4)
+    lad = ev.rate_ladder(model, tiny_corpus)
     assert lad["clips"] == 1 and lad["rates"] == [8000, 16000, 48000] and lad["worst_spread"] >= 0
 
 

@@ -183,7 +183,7 @@ def _grows(path, size, proc, timeout=60.0) -> bool:
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted(files, reference, tiny_model_dir, tmp_path):
     out = tmp_path / "killed.csv"
     rng = random.Random(7)
-    cmd = UTMOS + [str(files), "--model", str(tiny_model_dir), "--out", str(out), "-q", "--batch-size", "2",
+    cmd = UTMOS + [str(files), "--model", str(tiny_model_dir), "--out", str(out), "-q",
                    "--chunk-files", "3"]
     kills = 0
     for attempt in range(4):

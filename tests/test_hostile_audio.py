@@ -59,7 +59,7 @@ def read_rows(path, fmt="csv"):
 def test_hostile_suite_one_row_per_file_with_the_right_outcome(suite, tiny_model_dir, tmp_path, fmt):
     root, cases = suite
     out = tmp_path / f"scores.{fmt}"
-    r = run("score", root, "--model", tiny_model_dir, "--out", out, "--format", fmt, "--batch-size", 3)
+    r = run("score", root, "--model", tiny_model_dir, "--out", out, "--format", fmt)
     assert r.exit_code == 0, r.output
     assert "Traceback" not in r.output
     rows = read_rows(out, fmt)
@@ -210,7 +210,7 @@ def test_random_headers_score_files_gives_one_row(model, tmp_path, h, seconds, c
     bad.write_bytes(_hostile_wav(h, payload, cut))
     sf.write(good, speech(16000, 0.5), 16000)
     with np.errstate(all="ignore"):
-        rows = [r for chunk in score_files(model, [(str(bad), ""), (str(good), "")], batch_size=2) for r in chunk]
+        rows = [r for chunk in score_files(model, [(str(bad), ""), (str(good), "")]) for r in chunk]
     assert [r.path for r in rows] == [str(bad), str(good)]
     assert (rows[0].mos is None) != (rows[0].error == "")
     assert rows[0].mos is None or 1.0 <= rows[0].mos <= 5.0

@@ -19,16 +19,17 @@ def model(tiny_model_dir):
     return load_model(tiny_model_dir, "cpu")
 
 
-@pytest.mark.parametrize("sr", [8000, 16000, 24000, 44100])
-def test_batched_equals_one_by_one(model, sr):
-    """A file's score does not depend on batch size, neighbours or order (padding is masked everywhere)."""
-    waves = [speechlike(sr, s, seed=i) for i, s in enumerate([0.4, 1.7, 0.9, 1.2, 0.6])]
-    alone = [score_waveforms(model, [w], sr)[0] for w in waves]
-    batched = score_waveforms(model, waves, sr, batch_size=5)
-    pairs = score_waveforms(model, waves[::-1], sr, batch_size=2)[::-1]
-    np.testing.assert_allclose(batched, alone, atol=1e-4)
-    np.testing.assert_allclose(pairs, alone, atol=1e-4)
-    assert np.std(alone) > 1e-4  # the scores really differ, so the comparison means something
+@pytest.mark.parametrize("sr", [8000, 16000, 24000])
+def test_scores_are_bitwise_independent_of_neighbours_and_order(sr):
+    """A file's score is the same float alone, beside others of other lengths, or in another order.
+    The bundled model: with it, batching padded windows on CPU moved 1 of these 7 scores by 1-2 ulps
+    at each of these rates, enough to flip a CSV's last decimal."""
+    m = load_model(None, "cpu")
+    waves = [speechlike(sr, s, seed=i) for i, s in enumerate([0.4, 1.7, 0.9, 1.2, 0.6, 3.3, 2.2])]
+    alone = [score_waveforms(m, [w], sr)[0] for w in waves]
+    assert score_waveforms(m, waves, sr) == alone
+    assert score_waveforms(m, waves[::-1], sr) == alone[::-1]
+    assert np.std(alone) > 1e-3  # the scores really differ, so the comparison means something
 
 
 def test_raw_forward_padding_invariance(model):
@@ -150,9 +151,9 @@ def test_cuda_scores_match_cpu(tiny_model_dir):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
-def test_cuda_scores_are_bitwise_independent_of_batch_size_and_neighbours(tiny_model_dir):
+def test_cuda_scores_are_bitwise_independent_of_neighbours_and_order(tiny_model_dir):
     m = load_model(tiny_model_dir, "cuda")
     waves = [speechlike(16000, d, seed=i) for i, d in enumerate((0.7, 2.0, 1.3, 3.1, 0.9))]
     alone = [score_waveforms(m, [w], 16000)[0] for w in waves]
-    assert score_waveforms(m, waves, 16000, batch_size=8) == alone
-    assert score_waveforms(m, waves[::-1], 16000, batch_size=3) == alone[::-1]
+    assert score_waveforms(m, waves, 16000) == alone
+    assert score_waveforms(m, waves[::-1], 16000) == alone[::-1]

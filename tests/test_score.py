@@ -61,15 +61,21 @@ def test_mixed_directory_gives_one_row_per_file(audio_dir, tiny_model_dir, tmp_p
     assert "20 files: 14 scored, 6 errors" in r.output
 
 
-def test_batch_size_does_not_change_scores(audio_dir, tiny_model_dir, tmp_path):
-    outs = []
-    for bs in (1, 7):
-        out = tmp_path / f"s{bs}.csv"
-        assert run("score", audio_dir, "--model", tiny_model_dir, "--out", out, "--batch-size", bs).exit_code == 0
-        outs.append({r["path"]: r["mos"] for r in read_csv(out)})
-    for path, mos in outs[0].items():
-        if mos:
-            assert abs(float(mos) - float(outs[1][path])) < 1e-4
+def test_a_files_score_does_not_depend_on_the_other_files_in_the_run(audio_dir, tiny_model_dir, tmp_path):
+    """Each file scored alone gives the same CSV value as in the whole directory, and in reverse order."""
+    whole = tmp_path / "whole.csv"
+    assert run("score", audio_dir, "--model", tiny_model_dir, "--out", whole).exit_code == 0
+    scores = {r["path"]: r["mos"] for r in read_csv(whole) if r["mos"]}
+    assert len(scores) == 14 and len(set(scores.values())) > 5
+    lst = tmp_path / "reversed.txt"
+    lst.write_text("".join(f"{p}\n" for p in sorted(scores, reverse=True)))
+    rev = tmp_path / "reversed.csv"
+    assert run("score", f"@{lst}", "--model", tiny_model_dir, "--out", rev).exit_code == 0
+    assert {r["path"]: r["mos"] for r in read_csv(rev)} == scores
+    for path in list(scores)[::4]:
+        one = tmp_path / "one.csv"
+        assert run("score", path, "--model", tiny_model_dir, "--out", one).exit_code == 0
+        assert read_csv(one)[0]["mos"] == scores[path], path
 
 
 def test_jsonl_to_stdout_and_list_input(audio_dir, tiny_model_dir, tmp_path):
