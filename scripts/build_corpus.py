@@ -378,7 +378,9 @@ def recipe_options(bw: float, codecs: list[str], babble_ok: bool) -> list[tuple[
     return opts
 
 
-def plan(utts: list[Utterance], seed: int, report: dict) -> list[Clip]:
+def plan(utts: list[Utterance], seed: int, report: dict, train_variants: int = VARIANTS_PER_UTT) -> list[Clip]:
+    """Clips per utterance: VARIANTS_PER_UTT, or train_variants in the train split. Each utterance's draws
+    come from its own stream in order, so more train variants add clips and change none."""
     splits = assign_splits(utts, seed)
     babble_pool: dict[str, list[str]] = {}
     for u in utts:
@@ -394,7 +396,7 @@ def plan(utts: list[Utterance], seed: int, report: dict) -> list[Clip]:
             opts = [o for o in opts if o[1:] not in HELD_OUT]
         held = [o for o in opts if o[1:] in HELD_OUT]
         used = set()
-        for k in range(VARIANTS_PER_UTT):
+        for k in range(train_variants if split == "train" else VARIANTS_PER_UTT):
             if "clean" not in used and rng.random() < P_CLEAN:
                 kind, sev = "clean", 0
             elif held and rng.random() < P_HELD_OUT:
@@ -486,7 +488,7 @@ def write_csv(path: Path, rows: list[dict], columns) -> None:
 
 
 def build(out: Path, seed: int = 0, max_clips: int | None = None, rate_ladder: bool = False,
-          use_alsa: bool = True, verbose: bool = True) -> dict:
+          use_alsa: bool = True, verbose: bool = True, train_variants: int = VARIANTS_PER_UTT) -> dict:
     """Build the corpus under out/ and return its statistics."""
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -496,7 +498,7 @@ def build(out: Path, seed: int = 0, max_clips: int | None = None, rate_ladder: b
     utts = source_utterances(report, use_alsa)
     if not utts:
         raise SystemExit("no speech sources found: run scripts/install_corpus_tools.sh")
-    clips = plan(utts, seed, report)
+    clips = plan(utts, seed, report, train_variants)
     if max_clips:
         clips = subset(clips, max_clips, seed)
     need = {c.utt.utt_id: c.utt for c in clips}
@@ -526,7 +528,7 @@ def build(out: Path, seed: int = 0, max_clips: int | None = None, rate_ladder: b
             lrows = ladder_rows(clips, out, tmp, seed, sources)
             write_csv(out / "rate_ladder.csv", lrows, ("ladder_id",) + MANIFEST_COLUMNS)
     stats = summarize(rows)
-    info = {"seed": seed, "max_clips": max_clips, "rate_ladder": rate_ladder, "held_out_test_recipes":
+    info = {"seed": seed, "max_clips": max_clips, "rate_ladder": rate_ladder, "train_variants": train_variants, "held_out_test_recipes":
             sorted(f"{k}:{s}" for k, s in HELD_OUT), **report, **stats, "build_seconds": round(time.time() - t0, 1)}
     (out / "build_info.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     return info
@@ -618,12 +620,17 @@ def main(argv=None) -> None:
     ap.add_argument("--max-clips", type=int, default=None, help="build only this many clips (tests)")
     ap.add_argument("--rate-ladder", action="store_true", help="also write rate_ladder/ and rate_ladder.csv")
     ap.add_argument("--no-alsa", action="store_true", help="leave out /usr/share/sounds/alsa")
+    ap.add_argument("--train-variants", type=int, default=VARIANTS_PER_UTT,
+                    help=f"degraded versions of each training utterance (default {VARIANTS_PER_UTT}); "
+                         "valid and test keep theirs, and every clip of the default build stays as it is")
     ap.add_argument("--examples", type=Path, default=None, help="regenerate the bundled examples here and stop")
     a = ap.parse_args(argv)
     if a.examples:
         build_examples(a.examples)
         return
-    info = build(a.out, a.seed, a.max_clips, a.rate_ladder, not a.no_alsa)
+    if a.train_variants < 1:
+        ap.error("--train-variants must be at least 1")
+    info = build(a.out, a.seed, a.max_clips, a.rate_ladder, not a.no_alsa, train_variants=a.train_variants)
     print(json.dumps({k: info[k] for k in ("clips", "hours", "build_seconds", "by_split", "missing_codecs",
                                            "missing_voices")}, indent=1))
 

@@ -100,6 +100,21 @@ def test_held_out_recipes_only_in_test():
     assert not any((c.degradation, c.severity) in build_corpus.HELD_OUT for c in clips if c.split != "test")
 
 
+def test_more_train_variants_add_training_clips_and_change_none():
+    report = build_corpus.tool_report()
+    utts = build_corpus.source_utterances(report)
+    base = build_corpus.plan(utts, 0, report)
+    more = build_corpus.plan(utts, 0, report, train_variants=4)
+    by_id = {c.clip_id: c for c in more}
+    assert all(by_id[c.clip_id] == c for c in base)  # every clip of the default build, unchanged
+    added = [c for c in more if c.clip_id not in {b.clip_id for b in base}]
+    n_train = len({c.utt.utt_id for c in base if c.split == "train"})
+    assert len(added) == 2 * n_train and {c.split for c in added} == {"train"}
+    assert {c.clip_id.rsplit("_", 1)[1] for c in added} == {"v2", "v3"}
+    assert not any((c.degradation, c.severity) in build_corpus.HELD_OUT for c in added)
+    assert len({(c.degradation, c.severity) for c in added}) > 10  # new draws, not copies of v0/v1
+
+
 def test_deterministic(tiny, tmp_path):
     build_corpus.main(["--out", str(tmp_path), "--max-clips", str(N_CLIPS), "--seed", "0", "--rate-ladder"])
     assert (tmp_path / "manifest.csv").read_bytes() == (tiny / "manifest.csv").read_bytes()
