@@ -120,20 +120,20 @@ def _run_items(model: MOSModel, items: list[_Item],
                on_error: Callable[[int, str], None]) -> dict[int, list[float]]:
     """Score items one window at a time. Returns key -> [frame-score sum, frames, peak]."""
     acc: dict[int, list[float]] = {}
-    for it in items:
-        try:
-            x = it.load()
-        except AudioError as e:
-            on_error(it.key, str(e))
-            continue
-        if not np.isfinite(x).all():
-            on_error(it.key, "audio contains NaN or Inf samples")
-            continue
-        a = acc.setdefault(it.key, [0.0, 0, 0.0])
-        a[2] = max(a[2], float(np.abs(x).max()) if x.size else 0.0)
-        wave = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(model.device)  # (1, T)
-        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
-                                                                allow_tf32=False):
+    with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
+                                                            allow_tf32=False):
+        for it in items:
+            try:
+                x = it.load()
+            except AudioError as e:
+                on_error(it.key, str(e))
+                continue
+            if not np.isfinite(x).all():
+                on_error(it.key, "audio contains NaN or Inf samples")
+                continue
+            a = acc.setdefault(it.key, [0.0, 0, 0.0])
+            a[2] = max(a[2], float(np.abs(x).max()) if x.size else 0.0)
+            wave = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(model.device)  # (1, T)
             frames, n = model.frame_scores(wave, torch.tensor([x.shape[0]], device=model.device), it.sr)
             a[0] += float(frames.double().sum())
             a[1] += int(n[0])
