@@ -66,6 +66,10 @@ class DistillModel:
     # 8 kHz round trip), which a student taught by it reproduces as an offset at 8 kHz.
     consistency_rates: list[int] = field(default_factory=list)
     consistency_reference_rate: int = 16000
+    # Every other rate but the reference keeps the teacher's targets and adds, with this weight, the same loss
+    # against the student's own reference-rate outputs for the same audio: the teacher's targets say what a
+    # clip is worth, this term says it is worth the same at every rate (0: off).
+    consistency_weight: float = 0.0
     # Start from another distillation run's weights (its checkpoint folder, e.g. runs/x/last: student and
     # projections) or from a model (folder or name: the student only), with a fresh optimizer and schedule.
     init_from: str | None = None
@@ -196,21 +200,21 @@ def collect(data: DistillData, split: str | None, labels: dict[str, float] | Non
 
 
 def present(clip: Clip, start: int, stop: int, sr: int, full_when_fits: bool = False,
-            reference_rate: int | None = None) -> tuple:
+            reference_rate: int | None = None, self_taught: bool = False) -> tuple:
     """Samples [start, stop) at rate `sr` (band-limited resampling), at 16 kHz for the teacher (empty when
     the teacher's labels are cached), the bandwidth they really have (upsampling never adds content above
     the native Nyquist), the cached label (NaN when none) and the cached teacher frames from `start` on
     ((0, 0) when none; `start` should then fall on a frame, see `frame_start`).
     full_when_fits: when the clip's bandwidth fits below sr / 2, the teacher's view is the native audio's
     (see DistillModel.full_targets_when_band_fits).
-    reference_rate: the 16 kHz slot instead holds the presented audio resampled to that rate (the input of
-    the student's own targets, see DistillModel.consistency_rates)."""
+    reference_rate: also the presented audio resampled to that rate (the input of the student's own
+    targets, see DistillModel.consistency_rates and consistency_weight; empty when None).
+    self_taught: the teacher is not asked (a consistency rate), so no audio for it."""
     x = torch.from_numpy(audio.read_segment(clip.info, start, stop).copy())
     y = audio.resample(x, clip.info.sample_rate, sr)
     fits = full_when_fits and clip.bandwidth_hz <= sr / 2
-    if reference_rate:
-        y16 = audio.resample(y, sr, reference_rate)
-    elif clip.label is not None:
+    yref = audio.resample(y, sr, reference_rate) if reference_rate else y.new_zeros(0)
+    if self_taught or clip.label is not None:
         y16 = y.new_zeros(0)
     else:
         y16 = audio.resample(x, clip.info.sample_rate, SAMPLE_RATE) if fits else audio.resample(y, sr, SAMPLE_RATE)
@@ -220,7 +224,7 @@ def present(clip: Clip, start: int, stop: int, sr: int, full_when_fits: bool = F
     else:
         k = int(round(start / (FRAME_S * clip.info.sample_rate)))
         f = feats[k: k + int(math.ceil((stop - start) / (FRAME_S * clip.info.sample_rate))) + 1].float()
-    return y, y16, min(clip.bandwidth_hz, sr / 2), math.nan if label is None else label, f
+    return y, y16, min(clip.bandwidth_hz, sr / 2), math.nan if label is None else label, f, yref
 
 
 def frame_start(clip: Clip, off: int) -> int:
@@ -242,15 +246,17 @@ def _pad(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 def collate(items: list[tuple], sr: int) -> dict:
     wave, lengths = _pad([i[0] for i in items])
     wave16, lengths16 = _pad([i[1] for i in items])
+    wave_ref, lengths_ref = _pad([i[5] for i in items])
     feats = torch.nn.utils.rnn.pad_sequence([i[4] for i in items], batch_first=True)  # (B, F, D)
     return {"wave": wave, "lengths": lengths, "sr": sr, "wave16": wave16, "lengths16": lengths16,
+            "wave_ref": wave_ref, "lengths_ref": lengths_ref,
             "bandwidth_hz": torch.tensor([i[2] for i in items]), "teacher_mos": torch.tensor([i[3] for i in items]),
             "teacher_feats": feats, "teacher_frames": torch.tensor([i[4].shape[0] for i in items])}
 
 
 def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size: int, rank: int, world: int,
                  seed: int, start: int, workers: int = 0, full_when_fits: bool = False,
-                 consistency: tuple[list[int], int] = ((), 0)):
+                 consistency: tuple[list[int], int, bool] = ((), 0, False)):
     """Endless batches; global batch g holds items g*B*world + [0, B*world), this rank takes its slice.
 
     Everything (rate, file order per epoch, crop) is a pure function of (seed, position), so the
@@ -270,7 +276,7 @@ def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size:
             crop = int(round(crop_s * clip.info.sample_rate))
             off = frame_start(clip, int(np.random.default_rng([seed, 3, i]).integers(max(clip.info.frames - crop, 0) + 1)))
             items.append(present(clip, off, min(off + crop, clip.info.frames), sr, full_when_fits,
-                                 consistency[1] if sr in consistency[0] else None))
+                                 *reference(sr, *consistency)))
         return collate(items, sr)
 
     if workers <= 0:
@@ -288,6 +294,12 @@ def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size:
             ahead.append(pool.submit(batch_at, g))
             g += 1
             yield out
+
+
+def reference(sr: int, self_taught: list[int], ref_rate: int, paired: bool) -> tuple[int | None, bool]:
+    """present()'s (reference_rate, self_taught) for a batch at `sr`."""
+    taught = sr in self_taught
+    return (ref_rate if taught or (paired and sr != ref_rate) else None), taught
 
 
 # --- student --------------------------------------------------------------------------------
@@ -379,10 +391,14 @@ class DistillTask:
             if r not in data.rates or r == m.consistency_reference_rate:
                 raise ConfigError(f"model.consistency_rates: {r} must be one of data.rates and differ from "
                                   f"model.consistency_reference_rate ({m.consistency_reference_rate})")
-        if m.consistency_rates and not audio.MIN_RATE <= m.consistency_reference_rate <= audio.MAX_RATE:
+        if m.consistency_weight < 0:
+            raise ConfigError(f"model.consistency_weight must be >= 0, got {m.consistency_weight}")
+        if (m.consistency_rates or m.consistency_weight) and \
+                not audio.MIN_RATE <= m.consistency_reference_rate <= audio.MAX_RATE:
             raise ConfigError(f"model.consistency_reference_rate: {m.consistency_reference_rate} outside "
                               f"{audio.MIN_RATE}-{audio.MAX_RATE} Hz")
         self.m, self.data, self.trainer = m, data, trainer
+        self.consistency = (m.consistency_rates, m.consistency_reference_rate, m.consistency_weight > 0)
         labels = read_teacher_labels(m.teacher_labels) if m.teacher_labels else None
         feats, cached_layer = None, None
         if m.teacher_features:
@@ -474,15 +490,16 @@ class DistillTask:
     def batches(self, rank: int, world: int, seed: int, start: int):
         return batch_stream(self.clips, self.data.rates, self.data.crop_s, self.trainer.batch_size, rank, world,
                             seed, start, self.data.workers, self.m.full_targets_when_band_fits,
-                            (self.m.consistency_rates, self.m.consistency_reference_rate))
+                            self.consistency)
 
     def audio_seconds(self, batch: dict) -> float:
         return float(batch["lengths"].sum()) / batch["sr"]
 
     def item_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per-item loss terms (B,) so that averages over ranks equal averages over the global batch."""
+        own = self.own_targets(batch) if batch["wave_ref"].numel() else None
         if batch["sr"] in self.m.consistency_rates:
-            t = self.own_targets(batch)
+            t = own
         elif self.teacher is None:  # cached labels (and frames, at the index the pairs name)
             t = {"mos": batch["teacher_mos"], "lengths": batch["teacher_frames"],
                  "layers": [batch["teacher_feats"]] * (max((p[1] for p in self.model.pairs), default=-1) + 1)}
@@ -490,8 +507,16 @@ class DistillTask:
             with torch.autocast(batch["wave16"].device.type, enabled=False):
                 t = self.teacher(batch["wave16"].float(), batch["lengths16"])
         feats, n, mos = self.model(batch["wave"], batch["lengths"], batch["sr"], self.use_mos)
-        B = batch["wave"].shape[0]
-        zero = batch["wave"].new_zeros(B)
+        out = self.terms(feats, n, mos, t)
+        if self.m.consistency_weight > 0:  # logged on every batch (0 where there is no pair) to keep means whole
+            pair = self.terms(feats, n, mos, own) if own is not None and t is not own else None
+            out["consistency"] = pair["loss"] if pair else torch.zeros_like(out["loss"])
+            out["loss"] = out["loss"] + self.m.consistency_weight * out["consistency"]
+        return out
+
+    def terms(self, feats: list[torch.Tensor], n: torch.Tensor, mos: torch.Tensor | None, t: dict) -> dict:
+        """The weighted feature and MOS losses of the student's outputs against targets `t`, per item (B,)."""
+        zero = n.new_zeros(n.shape[0], dtype=torch.float32)
         l1_sum, cos_sum = zero, zero
         for f, (_, ti) in zip(feats, self.model.pairs):
             tf = t["layers"][ti].float()
@@ -509,12 +534,12 @@ class DistillTask:
         return out
 
     def own_targets(self, batch: dict) -> dict:
-        """The student's outputs for the batch at the reference rate (batch["wave16"] holds it there)."""
+        """The student's outputs for the batch at the reference rate (batch["wave_ref"] holds it there)."""
         was = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                feats, n, mos = self.model(batch["wave16"], batch["lengths16"], self.m.consistency_reference_rate,
+                feats, n, mos = self.model(batch["wave_ref"], batch["lengths_ref"], self.m.consistency_reference_rate,
                                            self.use_mos)
         finally:
             self.model.train(was)
@@ -539,7 +564,7 @@ class DistillTask:
                     chunk = self.valid_clips[i:i + self.trainer.batch_size]
                     self._valid_batches.append(collate([present(c, 0, min(c.info.frames, int(round(
                         self.data.crop_s * c.info.sample_rate))), sr, self.m.full_targets_when_band_fits,
-                        self.m.consistency_reference_rate if sr in self.m.consistency_rates else None)
+                        *reference(sr, *self.consistency))
                         for c in chunk], sr))
         sums, count = {}, 0
         for batch in self._valid_batches:

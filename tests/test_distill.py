@@ -312,7 +312,7 @@ def test_cached_teacher_features_are_cropped_on_frames_and_distilled(assets, tmp
             start = distill.frame_start(clip, off)
             k = round(start / hop)
             assert abs(start - k * hop) < 1 and abs(start - off) <= hop / 2 + 1
-            *_, f = distill.present(clip, start, min(start + 8000, clip.info.frames), 16000)
+            f = distill.present(clip, start, min(start + 8000, clip.info.frames), 16000)[4]
             assert f[0, 0] == k  # the slice starts at the crop's own frame
     before, after = validated_before_and_after_fit(task, built["trainer"], "valid_feat_l1")
     assert after < 0.7 * before
@@ -432,17 +432,17 @@ def test_consistency_rates_are_taught_by_the_students_own_16k_output(assets, tmp
         if batch["sr"] == 8000:
             for i, n in enumerate(batch["lengths"].tolist()):  # the reference input is the same audio at 16 kHz
                 want = resample(batch["wave"][i, :n], 8000, 16000)
-                assert torch.allclose(batch["wave16"][i, :want.shape[0]], want) and batch["lengths16"][i] == want.shape[0]
+                assert torch.allclose(batch["wave_ref"][i, :want.shape[0]], want) and batch["lengths_ref"][i] == want.shape[0]
             task.model.eval()
             with torch.no_grad():
-                _, _, ref = task.model(batch["wave16"], batch["lengths16"], 16000, True)
+                _, _, ref = task.model(batch["wave_ref"], batch["lengths_ref"], 16000, True)
             task.model.train()
             torch.manual_seed(0)
             _, _, mos = task.model(batch["wave"], batch["lengths"], 8000, True)
             assert torch.allclose(got, (mos - ref) ** 2, atol=1e-6)
             assert not torch.allclose(got, (mos - 4.5) ** 2, atol=1e-3)
         else:
-            assert batch["wave16"].numel() == 0 and torch.all(batch["teacher_mos"] == 4.5)
+            assert batch["wave_ref"].numel() == 0 and torch.all(batch["teacher_mos"] == 4.5)
         seen.add(batch["sr"])
         if len(seen) == 2:
             break
@@ -451,6 +451,49 @@ def test_consistency_rates_are_taught_by_the_students_own_16k_output(assets, tmp
                                                **{"model.consistency_rates": bad}), distill.SECTIONS)
         with pytest.raises(ConfigError, match="consistency_rates"):
             distill.DistillTask(built["model"], built["data"], built["trainer"])
+
+
+def test_consistency_weight_adds_the_gap_to_the_students_own_16k_output(assets, tmp_path):
+    """model.consistency_weight: a 24 kHz batch keeps the teacher's label and adds weight x the same loss
+    against the student's own 16 kHz output for the same audio; 16 kHz batches add nothing."""
+    from msr_utmos_cli.audio import resample
+    from msr_utmos_cli.config import ConfigError, load_config
+
+    base = {**_cached_label_sets(assets, tmp_path), "data.rates": "[16000,24000]"}
+    sets = overrides(assets, tmp_path / "run", 1, **base, **{"model.consistency_weight": 0.5,
+                                                            "model.student_overrides": "{head_dropout: 0.5}"})
+    built, _ = load_config(None, sets, distill.SECTIONS)
+    task = distill.DistillTask(built["model"], built["data"], built["trainer"])
+    task.model.train()
+    seen = set()
+    for batch in task.batches(0, 1, 0, 0):
+        torch.manual_seed(0)
+        got = task.item_losses(batch)
+        assert task.model.training
+        if batch["sr"] == 24000:
+            for i, n in enumerate(batch["lengths"].tolist()):
+                want = resample(batch["wave"][i, :n], 24000, 16000)
+                assert torch.allclose(batch["wave_ref"][i, :want.shape[0]], want)
+            task.model.eval()
+            with torch.no_grad():
+                _, _, ref = task.model(batch["wave_ref"], batch["lengths_ref"], 16000, True)
+            task.model.train()
+            torch.manual_seed(0)
+            _, _, mos = task.model(batch["wave"], batch["lengths"], 24000, True)
+            assert torch.allclose(got["mos"], (mos - 4.5) ** 2, atol=1e-6)  # the teacher's label stays
+            assert torch.allclose(got["consistency"], (mos - ref) ** 2, atol=1e-6)
+            assert torch.all(got["consistency"] > 0)
+            assert torch.allclose(got["loss"], got["mos"] + 0.5 * got["consistency"], atol=1e-6)
+        else:
+            assert batch["wave_ref"].numel() == 0 and torch.all(got["consistency"] == 0)
+            assert torch.allclose(got["loss"], got["mos"])
+        seen.add(batch["sr"])
+        if len(seen) == 2:
+            break
+    built, _ = load_config(None, overrides(assets, tmp_path / "bad", 1, **base,
+                                           **{"model.consistency_weight": -1}), distill.SECTIONS)
+    with pytest.raises(ConfigError, match="consistency_weight"):
+        distill.DistillTask(built["model"], built["data"], built["trainer"])
 
 
 def test_init_from_a_checkpoint_or_a_model_starts_from_its_weights(assets, tmp_path):
