@@ -80,6 +80,9 @@ def test_ladder_stats_spread_and_offsets():
     assert st["worst_spread"] == pytest.approx(0.3) and st["median_spread"] == pytest.approx(0.25)
     off = st["mean_offset_by_rate"]
     assert (off["8000"], off["16000"], off["48000"]) == pytest.approx((0.0, -0.1, 0.1))
+    # without 8 kHz: a 0.1 and b 0.3
+    assert st["mean_spread_without_lowest_rate"] == pytest.approx(0.2)
+    assert st["worst_spread_without_lowest_rate"] == pytest.approx(0.3)
 
 
 def test_bench_peers_picks_spread_files(tiny_corpus):
