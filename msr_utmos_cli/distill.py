@@ -70,6 +70,10 @@ class DistillModel:
     # against the student's own reference-rate outputs for the same audio: the teacher's targets say what a
     # clip is worth, this term says it is worth the same at every rate (0: off).
     consistency_weight: float = 0.0
+    # At consistency_rates, an item whose band fits below the rate's Nyquist loses nothing there: it keeps the
+    # teacher's full-band targets (plus consistency_weight x the gap to the own output), and only wider items
+    # are taught by the student alone. Needs full_targets_when_band_fits.
+    consistency_keeps_fitting: bool = False
     # Start from another distillation run's weights (its checkpoint folder, e.g. runs/x/last: student and
     # projections) or from a model (folder or name: the student only), with a fresh optimizer and schedule.
     init_from: str | None = None
@@ -224,7 +228,7 @@ def present(clip: Clip, start: int, stop: int, sr: int, full_when_fits: bool = F
     else:
         k = int(round(start / (FRAME_S * clip.info.sample_rate)))
         f = feats[k: k + int(math.ceil((stop - start) / (FRAME_S * clip.info.sample_rate))) + 1].float()
-    return y, y16, min(clip.bandwidth_hz, sr / 2), math.nan if label is None else label, f, yref
+    return y, y16, min(clip.bandwidth_hz, sr / 2), math.nan if label is None else label, f, yref, fits
 
 
 def frame_start(clip: Clip, off: int) -> int:
@@ -251,12 +255,13 @@ def collate(items: list[tuple], sr: int) -> dict:
     return {"wave": wave, "lengths": lengths, "sr": sr, "wave16": wave16, "lengths16": lengths16,
             "wave_ref": wave_ref, "lengths_ref": lengths_ref,
             "bandwidth_hz": torch.tensor([i[2] for i in items]), "teacher_mos": torch.tensor([i[3] for i in items]),
-            "teacher_feats": feats, "teacher_frames": torch.tensor([i[4].shape[0] for i in items])}
+            "teacher_feats": feats, "teacher_frames": torch.tensor([i[4].shape[0] for i in items]),
+            "fits": torch.tensor([i[6] for i in items], dtype=torch.bool)}
 
 
 def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size: int, rank: int, world: int,
                  seed: int, start: int, workers: int = 0, full_when_fits: bool = False,
-                 consistency: tuple[list[int], int, bool] = ((), 0, False)):
+                 consistency: tuple[list[int], int, bool, bool] = ((), 0, False, False)):
     """Endless batches; global batch g holds items g*B*world + [0, B*world), this rank takes its slice.
 
     Everything (rate, file order per epoch, crop) is a pure function of (seed, position), so the
@@ -296,10 +301,11 @@ def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size:
             yield out
 
 
-def reference(sr: int, self_taught: list[int], ref_rate: int, paired: bool) -> tuple[int | None, bool]:
+def reference(sr: int, self_taught: list[int], ref_rate: int, paired: bool,
+              keeps_fitting: bool) -> tuple[int | None, bool]:
     """present()'s (reference_rate, self_taught) for a batch at `sr`."""
     taught = sr in self_taught
-    return (ref_rate if taught or (paired and sr != ref_rate) else None), taught
+    return (ref_rate if taught or (paired and sr != ref_rate) else None), taught and not keeps_fitting
 
 
 # --- student --------------------------------------------------------------------------------
@@ -398,7 +404,10 @@ class DistillTask:
             raise ConfigError(f"model.consistency_reference_rate: {m.consistency_reference_rate} outside "
                               f"{audio.MIN_RATE}-{audio.MAX_RATE} Hz")
         self.m, self.data, self.trainer = m, data, trainer
-        self.consistency = (m.consistency_rates, m.consistency_reference_rate, m.consistency_weight > 0)
+        if m.consistency_keeps_fitting and not m.full_targets_when_band_fits:
+            raise ConfigError("model.consistency_keeps_fitting needs model.full_targets_when_band_fits: true")
+        self.consistency = (m.consistency_rates, m.consistency_reference_rate, m.consistency_weight > 0,
+                            m.consistency_keeps_fitting)
         labels = read_teacher_labels(m.teacher_labels) if m.teacher_labels else None
         feats, cached_layer = None, None
         if m.teacher_features:
@@ -498,7 +507,8 @@ class DistillTask:
     def item_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per-item loss terms (B,) so that averages over ranks equal averages over the global batch."""
         own = self.own_targets(batch) if batch["wave_ref"].numel() else None
-        if batch["sr"] in self.m.consistency_rates:
+        self_taught = batch["sr"] in self.m.consistency_rates
+        if self_taught and not self.m.consistency_keeps_fitting:
             t = own
         elif self.teacher is None:  # cached labels (and frames, at the index the pairs name)
             t = {"mos": batch["teacher_mos"], "lengths": batch["teacher_frames"],
@@ -508,8 +518,12 @@ class DistillTask:
                 t = self.teacher(batch["wave16"].float(), batch["lengths16"])
         feats, n, mos = self.model(batch["wave"], batch["lengths"], batch["sr"], self.use_mos)
         out = self.terms(feats, n, mos, t)
+        pair = self.terms(feats, n, mos, own) if own is not None and t is not own else None
+        if pair is not None and self_taught:  # consistency_keeps_fitting: wider items take their own targets only
+            wide = ~batch["fits"].to(n.device)
+            out = {k: torch.where(wide, pair[k], v) for k, v in out.items()}
+            pair = {k: torch.where(wide, torch.zeros_like(v), v) for k, v in pair.items()}
         if self.m.consistency_weight > 0:  # logged on every batch (0 where there is no pair) to keep means whole
-            pair = self.terms(feats, n, mos, own) if own is not None and t is not own else None
             out["consistency"] = pair["loss"] if pair else torch.zeros_like(out["loss"])
             out["loss"] = out["loss"] + self.m.consistency_weight * out["consistency"]
         return out

@@ -391,7 +391,8 @@ def test_targets_at_a_rate_replace_the_full_band_ones_for_that_rate(assets, tmp_
         distill.DistillTask(built["model"], built["data"], built["trainer"])
 
 
-@pytest.mark.parametrize("name", ["default_model", "default_model_consistency", "default_model_gpu", "distill_distillmos",
+@pytest.mark.parametrize("name", ["default_model", "default_model_consistency", "default_model_stage3", "default_model_gpu",
+                                  "distill_distillmos",
                                   "distill_wav2vec2_base"])
 def test_shipped_distill_configs_parse(name):
     from msr_utmos_cli.config import load_config
@@ -493,6 +494,43 @@ def test_consistency_weight_adds_the_gap_to_the_students_own_16k_output(assets, 
     built, _ = load_config(None, overrides(assets, tmp_path / "bad", 1, **base,
                                            **{"model.consistency_weight": -1}), distill.SECTIONS)
     with pytest.raises(ConfigError, match="consistency_weight"):
+        distill.DistillTask(built["model"], built["data"], built["trainer"])
+
+
+def test_consistency_keeps_fitting_items_on_the_teachers_targets(assets, tmp_path):
+    """model.consistency_keeps_fitting: in an 8 kHz batch, an item whose band fits below 4 kHz (the 8 kHz
+    file) keeps the teacher's label plus weight x the gap to its own 16 kHz output; wider items are taught
+    by their own 16 kHz output alone."""
+    from msr_utmos_cli.config import ConfigError, load_config
+
+    base = {**_cached_label_sets(assets, tmp_path), "model.full_targets_when_band_fits": "true",
+            "model.consistency_rates": "[8000]", "model.consistency_weight": 0.5,
+            "model.student_overrides": "{head_dropout: 0.5}", "trainer.batch_size": 6}
+    built, _ = load_config(None, overrides(assets, tmp_path / "run", 1, **base,
+                                           **{"model.consistency_keeps_fitting": "true"}), distill.SECTIONS)
+    task = distill.DistillTask(built["model"], built["data"], built["trainer"])
+    task.model.train()
+    for batch in task.batches(0, 1, 0, 0):
+        if batch["sr"] == 8000:
+            break
+    fits = batch["fits"]
+    assert fits.any() and not fits.all()  # the 8 kHz file fits, the wider ones do not
+    torch.manual_seed(0)
+    got = task.item_losses(batch)
+    task.model.eval()
+    with torch.no_grad():
+        _, _, ref = task.model(batch["wave_ref"], batch["lengths_ref"], 16000, True)
+    task.model.train()
+    torch.manual_seed(0)
+    _, _, mos = task.model(batch["wave"], batch["lengths"], 8000, True)
+    gap, label = (mos - ref) ** 2, (mos - 4.5) ** 2
+    assert torch.allclose(got["mos"], torch.where(fits, label, gap), atol=1e-6)
+    assert torch.allclose(got["consistency"], torch.where(fits, gap, torch.zeros_like(gap)), atol=1e-6)
+    assert torch.allclose(got["loss"], got["mos"] + 0.5 * got["consistency"], atol=1e-6)
+    built, _ = load_config(None, overrides(assets, tmp_path / "bad", 1, **{**base, "model.full_targets_when_band_fits":
+                                                                            "false", "model.consistency_keeps_fitting": "true"}),
+                           distill.SECTIONS)
+    with pytest.raises(ConfigError, match="consistency_keeps_fitting"):
         distill.DistillTask(built["model"], built["data"], built["trainer"])
 
 
