@@ -413,6 +413,18 @@ def _cached_label_sets(assets, tmp_path, full=4.5):
             "data.dirs": f"[{tmp_path}]", "data.rates": "[8000,16000]"}
 
 
+def _mos_and_own_16k(task, batch):
+    """The student's MOS for the batch as trained (train mode, seed 0, as item_losses ran it) and its own
+    eval-mode, no-grad MOS for the same audio at 16 kHz (batch["wave_ref"])."""
+    task.model.eval()
+    with torch.no_grad():
+        _, _, ref = task.model(batch["wave_ref"], batch["lengths_ref"], 16000, True)
+    task.model.train()
+    torch.manual_seed(0)
+    _, _, mos = task.model(batch["wave"], batch["lengths"], batch["sr"], True)
+    return mos, ref
+
+
 def test_consistency_rates_are_taught_by_the_students_own_16k_output(assets, tmp_path):
     """model.consistency_rates: an 8 kHz batch's MOS target is the student's own (eval-mode, no-grad) score
     of the same audio upsampled to 16 kHz, not the teacher's label; 16 kHz batches keep the label."""
@@ -434,12 +446,7 @@ def test_consistency_rates_are_taught_by_the_students_own_16k_output(assets, tmp
             for i, n in enumerate(batch["lengths"].tolist()):  # the reference input is the same audio at 16 kHz
                 want = resample(batch["wave"][i, :n], 8000, 16000)
                 assert torch.allclose(batch["wave_ref"][i, :want.shape[0]], want) and batch["lengths_ref"][i] == want.shape[0]
-            task.model.eval()
-            with torch.no_grad():
-                _, _, ref = task.model(batch["wave_ref"], batch["lengths_ref"], 16000, True)
-            task.model.train()
-            torch.manual_seed(0)
-            _, _, mos = task.model(batch["wave"], batch["lengths"], 8000, True)
+            mos, ref = _mos_and_own_16k(task, batch)
             assert torch.allclose(got, (mos - ref) ** 2, atol=1e-6)
             assert not torch.allclose(got, (mos - 4.5) ** 2, atol=1e-3)
         else:
@@ -475,12 +482,7 @@ def test_consistency_weight_adds_the_gap_to_the_students_own_16k_output(assets, 
             for i, n in enumerate(batch["lengths"].tolist()):
                 want = resample(batch["wave"][i, :n], 24000, 16000)
                 assert torch.allclose(batch["wave_ref"][i, :want.shape[0]], want)
-            task.model.eval()
-            with torch.no_grad():
-                _, _, ref = task.model(batch["wave_ref"], batch["lengths_ref"], 16000, True)
-            task.model.train()
-            torch.manual_seed(0)
-            _, _, mos = task.model(batch["wave"], batch["lengths"], 24000, True)
+            mos, ref = _mos_and_own_16k(task, batch)
             assert torch.allclose(got["mos"], (mos - 4.5) ** 2, atol=1e-6)  # the teacher's label stays
             assert torch.allclose(got["consistency"], (mos - ref) ** 2, atol=1e-6)
             assert torch.all(got["consistency"] > 0)
@@ -517,12 +519,7 @@ def test_consistency_keeps_fitting_items_on_the_teachers_targets(assets, tmp_pat
     assert fits.any() and not fits.all()  # the 8 kHz file fits, the wider ones do not
     torch.manual_seed(0)
     got = task.item_losses(batch)
-    task.model.eval()
-    with torch.no_grad():
-        _, _, ref = task.model(batch["wave_ref"], batch["lengths_ref"], 16000, True)
-    task.model.train()
-    torch.manual_seed(0)
-    _, _, mos = task.model(batch["wave"], batch["lengths"], 8000, True)
+    mos, ref = _mos_and_own_16k(task, batch)
     gap, label = (mos - ref) ** 2, (mos - 4.5) ** 2
     assert torch.allclose(got["mos"], torch.where(fits, label, gap), atol=1e-6)
     assert torch.allclose(got["consistency"], torch.where(fits, gap, torch.zeros_like(gap)), atol=1e-6)
