@@ -413,6 +413,16 @@ def _cached_label_sets(assets, tmp_path, full=4.5):
             "data.dirs": f"[{tmp_path}]", "data.rates": "[8000,16000]"}
 
 
+def _train_mode_task(sets):
+    """A DistillTask from `--set` overrides, in training mode (ConfigError from a bad one)."""
+    from msr_utmos_cli.config import load_config
+
+    built, _ = load_config(None, sets, distill.SECTIONS)
+    task = distill.DistillTask(built["model"], built["data"], built["trainer"])
+    task.model.train()
+    return task
+
+
 def _mos_and_own_16k(task, batch):
     """The student's MOS for the batch as trained (train mode, seed 0, as item_losses ran it) and its own
     eval-mode, no-grad MOS for the same audio at 16 kHz (batch["wave_ref"])."""
@@ -429,14 +439,12 @@ def test_consistency_rates_are_taught_by_the_students_own_16k_output(assets, tmp
     """model.consistency_rates: an 8 kHz batch's MOS target is the student's own (eval-mode, no-grad) score
     of the same audio upsampled to 16 kHz, not the teacher's label; 16 kHz batches keep the label."""
     from msr_utmos_cli.audio import resample
-    from msr_utmos_cli.config import ConfigError, load_config
+    from msr_utmos_cli.config import ConfigError
 
     base = _cached_label_sets(assets, tmp_path)
     sets = overrides(assets, tmp_path / "run", 1, **base, **{"model.consistency_rates": "[8000]",
                                                             "model.student_overrides": "{head_dropout: 0.5}"})
-    built, _ = load_config(None, sets, distill.SECTIONS)
-    task = distill.DistillTask(built["model"], built["data"], built["trainer"])
-    task.model.train()
+    task = _train_mode_task(sets)
     seen = set()
     for batch in task.batches(0, 1, 0, 0):
         torch.manual_seed(0)
@@ -455,24 +463,20 @@ def test_consistency_rates_are_taught_by_the_students_own_16k_output(assets, tmp
         if len(seen) == 2:
             break
     for bad in ("[16000]", "[12000]"):  # the reference rate itself, or a rate never presented
-        built, _ = load_config(None, overrides(assets, tmp_path / "bad", 1, **base,
-                                               **{"model.consistency_rates": bad}), distill.SECTIONS)
         with pytest.raises(ConfigError, match="consistency_rates"):
-            distill.DistillTask(built["model"], built["data"], built["trainer"])
+            _train_mode_task(overrides(assets, tmp_path / "bad", 1, **base, **{"model.consistency_rates": bad}))
 
 
 def test_consistency_weight_adds_the_gap_to_the_students_own_16k_output(assets, tmp_path):
     """model.consistency_weight: a 24 kHz batch keeps the teacher's label and adds weight x the same loss
     against the student's own 16 kHz output for the same audio; 16 kHz batches add nothing."""
     from msr_utmos_cli.audio import resample
-    from msr_utmos_cli.config import ConfigError, load_config
+    from msr_utmos_cli.config import ConfigError
 
     base = {**_cached_label_sets(assets, tmp_path), "data.rates": "[16000,24000]"}
     sets = overrides(assets, tmp_path / "run", 1, **base, **{"model.consistency_weight": 0.5,
                                                             "model.student_overrides": "{head_dropout: 0.5}"})
-    built, _ = load_config(None, sets, distill.SECTIONS)
-    task = distill.DistillTask(built["model"], built["data"], built["trainer"])
-    task.model.train()
+    task = _train_mode_task(sets)
     seen = set()
     for batch in task.batches(0, 1, 0, 0):
         torch.manual_seed(0)
@@ -493,25 +497,20 @@ def test_consistency_weight_adds_the_gap_to_the_students_own_16k_output(assets, 
         seen.add(batch["sr"])
         if len(seen) == 2:
             break
-    built, _ = load_config(None, overrides(assets, tmp_path / "bad", 1, **base,
-                                           **{"model.consistency_weight": -1}), distill.SECTIONS)
     with pytest.raises(ConfigError, match="consistency_weight"):
-        distill.DistillTask(built["model"], built["data"], built["trainer"])
+        _train_mode_task(overrides(assets, tmp_path / "bad", 1, **base, **{"model.consistency_weight": -1}))
 
 
 def test_consistency_keeps_fitting_items_on_the_teachers_targets(assets, tmp_path):
     """model.consistency_keeps_fitting: in an 8 kHz batch, an item whose band fits below 4 kHz (the 8 kHz
     file) keeps the teacher's label plus weight x the gap to its own 16 kHz output; wider items are taught
     by their own 16 kHz output alone."""
-    from msr_utmos_cli.config import ConfigError, load_config
+    from msr_utmos_cli.config import ConfigError
 
     base = {**_cached_label_sets(assets, tmp_path), "model.full_targets_when_band_fits": "true",
             "model.consistency_rates": "[8000]", "model.consistency_weight": 0.5,
             "model.student_overrides": "{head_dropout: 0.5}", "trainer.batch_size": 6}
-    built, _ = load_config(None, overrides(assets, tmp_path / "run", 1, **base,
-                                           **{"model.consistency_keeps_fitting": "true"}), distill.SECTIONS)
-    task = distill.DistillTask(built["model"], built["data"], built["trainer"])
-    task.model.train()
+    task = _train_mode_task(overrides(assets, tmp_path / "run", 1, **base, **{"model.consistency_keeps_fitting": "true"}))
     for batch in task.batches(0, 1, 0, 0):
         if batch["sr"] == 8000:
             break
@@ -524,11 +523,9 @@ def test_consistency_keeps_fitting_items_on_the_teachers_targets(assets, tmp_pat
     assert torch.allclose(got["mos"], torch.where(fits, label, gap), atol=1e-6)
     assert torch.allclose(got["consistency"], torch.where(fits, gap, torch.zeros_like(gap)), atol=1e-6)
     assert torch.allclose(got["loss"], got["mos"] + 0.5 * got["consistency"], atol=1e-6)
-    built, _ = load_config(None, overrides(assets, tmp_path / "bad", 1, **{**base, "model.full_targets_when_band_fits":
-                                                                            "false", "model.consistency_keeps_fitting": "true"}),
-                           distill.SECTIONS)
     with pytest.raises(ConfigError, match="consistency_keeps_fitting"):
-        distill.DistillTask(built["model"], built["data"], built["trainer"])
+        _train_mode_task(overrides(assets, tmp_path / "bad", 1, **{**base, "model.full_targets_when_band_fits": "false",
+                                                                   "model.consistency_keeps_fitting": "true"}))
 
 
 def test_init_from_a_checkpoint_or_a_model_starts_from_its_weights(assets, tmp_path):
