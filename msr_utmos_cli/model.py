@@ -25,6 +25,7 @@ class ModelConfig:
     sfi_stride: int = 5
     sfi_freq_points: int = 640
     sfi_max_phases: int = 128
+    sfi_mute_above_nyquist: bool = True  # False: "freq" channels peaked above fs/2 keep their in-band skirt
     # Later conv layers as (out_channels, kernel, stride), as in wav2vec2.
     conv_layers: list = field(default_factory=lambda: [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2)
     extractor_mode: str = "group_norm"  # "group_norm" (base) or "layer_norm" (large)
@@ -160,7 +161,8 @@ class MOSModel(nn.Module):
         if cfg.extractor_mode not in ("group_norm", "layer_norm"):
             raise ValueError(f"extractor_mode must be 'group_norm' or 'layer_norm', got {cfg.extractor_mode!r}")
         self.sfi = SFIConv1d(cfg.sfi_channels, cfg.sfi_components, cfg.sfi_base_rate, cfg.sfi_kernel,
-                             cfg.sfi_stride, cfg.sfi_design, cfg.sfi_freq_points, cfg.sfi_max_phases)
+                             cfg.sfi_stride, cfg.sfi_design, cfg.sfi_freq_points, cfg.sfi_max_phases,
+                             cfg.sfi_mute_above_nyquist)
         norm = MaskedGroupNorm if cfg.extractor_mode == "group_norm" else ChannelLayerNorm
         self.sfi_norm = norm(cfg.sfi_channels)
         blocks, in_ch = [], cfg.sfi_channels

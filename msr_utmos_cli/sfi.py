@@ -129,10 +129,15 @@ class SFIConv1d(nn.Module):
             aliases); "time" samples the impulse response (cheaper, aliases at low rates).
         freq_points: frequencies in the least-squares fit.
         max_phases: distinct fractional offsets given their own taps before sharing.
+        mute_above_nyquist: below the base rate, switch off channels whose peak lies above fs/2.
+            The "time" design needs it (those taps alias). The "freq" design only fits the response
+            below Nyquist, so an unmuted channel keeps its in-band skirt, which it also has at the
+            base rate: a band-limited clip then gives the same channel at 8 kHz as at 16 kHz.
     """
 
     def __init__(self, channels: int = 512, components: int = 1, base_rate: int = 16000, kernel: int = 10,
-                 stride: int = 5, design: str = "freq", freq_points: int = 640, max_phases: int = 128):
+                 stride: int = 5, design: str = "freq", freq_points: int = 640, max_phases: int = 128,
+                 mute_above_nyquist: bool = True):
         super().__init__()
         if design not in ("freq", "time"):
             raise ValueError(f"design must be 'freq' or 'time', got {design!r}")
@@ -141,6 +146,7 @@ class SFIConv1d(nn.Module):
         self.channels, self.components = channels, components
         self.base_rate, self.kernel, self.stride = base_rate, kernel, stride
         self.design, self.freq_points, self.max_phases = design, freq_points, max_phases
+        self.mute_above_nyquist = mute_above_nyquist
         # Analog parameters, in kHz so that Adam's step sizes suit them.
         self.mu_khz = nn.Parameter(torch.zeros(channels, components))
         self.log_sigma_khz = nn.Parameter(torch.zeros(channels, components))
@@ -181,7 +187,7 @@ class SFIConv1d(nn.Module):
 
     def active_channels(self, fs: int) -> torch.Tensor:
         """Anti-aliasing: below the base rate, channels whose peak lies above fs/2 are off. (C,) bool."""
-        if fs >= self.base_rate:
+        if fs >= self.base_rate or not self.mute_above_nyquist:
             return torch.ones(self.channels, dtype=torch.bool, device=self.mu_khz.device)
         with torch.no_grad():
             grid = PEAK_GRID_HZ.to(self.mu_khz.device, torch.float32)
@@ -239,7 +245,8 @@ class SFIConv1d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, components={self.components}, base_rate={self.base_rate}, "
-                f"kernel={self.kernel}, stride={self.stride}, design={self.design!r}")
+                f"kernel={self.kernel}, stride={self.stride}, design={self.design!r}, "
+                f"mute_above_nyquist={self.mute_above_nyquist}")
 
 
 def fit_to_kernel(layer: SFIConv1d, weight: torch.Tensor, refine_steps: int = 300, lr: float = 0.01,

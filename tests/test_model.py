@@ -99,6 +99,27 @@ def test_checkpoint_roundtrip_is_safetensors_and_json(tmp_path):
     assert torch.equal(m.score(x, 44100), loaded.score(x, 44100))
 
 
+def test_sfi_mute_flag_is_saved_and_old_configs_load_muted(tmp_path):
+    """Models saved before sfi_mute_above_nyquist existed must keep scoring as they did (muted)."""
+    torch.manual_seed(1)
+    cfg = PRESETS["tiny"]()
+    cfg.sfi_mute_above_nyquist = False
+    m = MOSModel(cfg).eval()
+    save_model(m, tmp_path / "unmuted", {})
+    doc = json.loads((tmp_path / "unmuted" / CONFIG).read_text())
+    assert doc["config"]["sfi_mute_above_nyquist"] is False
+    assert load_model(tmp_path / "unmuted", "cpu").sfi.mute_above_nyquist is False
+    del doc["config"]["sfi_mute_above_nyquist"]  # a config.json written by an older release
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / CONFIG).write_text(json.dumps(doc))
+    (tmp_path / "old" / WEIGHTS).write_bytes((tmp_path / "unmuted" / WEIGHTS).read_bytes())
+    old = load_model(tmp_path / "old", "cpu")
+    assert old.sfi.mute_above_nyquist is True
+    x16, x8 = speechlike(16000, 1.0), speechlike(8000, 1.0)
+    assert torch.equal(m.score(x16, 16000), old.score(x16, 16000))
+    assert not torch.equal(m.score(x8, 8000), old.score(x8, 8000))
+
+
 def test_load_errors_are_one_line(tmp_path, tiny_model_dir):
     with pytest.raises(ModelLoadError, match="no such model"):
         load_model(tmp_path / "nope")

@@ -48,32 +48,60 @@ def normalised(y):
 
 # Worst relative error of the normalised outputs vs 16 kHz, measured: 8 kHz 0.11, 22.05 kHz 5.4e-3,
 # 24 kHz 4.1e-3, 44.1 kHz 3.0e-3, 48 kHz 1.5e-3. 8 kHz has only 5 taps per window, hence its margin.
+def multitone_frames(layer, rate):
+    """30 random tones below 3.5 kHz, 1 s at `rate` -> the layer's per-channel normalised frames (C, F), (1,)."""
+    g = torch.Generator().manual_seed(1)
+    freqs = torch.rand(30, generator=g) * 3400 + 50
+    phase, amp = torch.rand(30, generator=g) * 6.28, torch.randn(30, generator=g)
+    t = torch.arange(rate, dtype=torch.float64) / rate
+    x = (amp[:, None] * torch.sin(2 * math.pi * freqs[:, None] * t + phase[:, None])).sum(0).float()[None]
+    with torch.no_grad():
+        y, n = layer(x, torch.tensor([rate]), rate)
+    return normalised(y[0]), n
+
+
+def peaks_hz(layer):
+    grid = PEAK_GRID_HZ.float()
+    re, im = mgf_response(2 * math.pi * grid, *layer.analog_params())
+    return grid[(re ** 2 + im ** 2).argmax(1)]
+
+
+def channel_errors(out, ref):
+    """Per-channel relative error from frame 1 on (frame 0's window starts before t=0 above 16 kHz)."""
+    return (out - ref)[:, 1:].norm(dim=1) / ref[:, 1:].norm(dim=1)
+
+
 @pytest.mark.parametrize("fs,tol", [(8000, 0.15), (22050, 0.01), (24000, 0.01), (44100, 0.01), (48000, 0.01)])
 def test_bandlimited_signal_gives_same_frames_at_every_rate(fs, tol):
     """(b) content below 3.5 kHz at any rate -> the 16 kHz frames, after per-channel normalisation."""
     torch.manual_seed(0)
     layer = SFIConv1d(64, 1)
-    g = torch.Generator().manual_seed(1)
-    freqs = torch.rand(30, generator=g) * 3400 + 50
-    phase, amp = torch.rand(30, generator=g) * 6.28, torch.randn(30, generator=g)
-
-    def frames(rate):
-        t = torch.arange(rate, dtype=torch.float64) / rate  # 1 s
-        x = (amp[:, None] * torch.sin(2 * math.pi * freqs[:, None] * t + phase[:, None])).sum(0).float()[None]
-        with torch.no_grad():
-            y, n = layer(x, torch.tensor([rate]), rate)
-        return normalised(y[0]), n
-
-    ref, n_ref = frames(16000)
-    out, n = frames(fs)
+    ref, n_ref = multitone_frames(layer, 16000)
+    out, n = multitone_frames(layer, fs)
     assert out.shape == ref.shape and n.item() == n_ref.item() == ref.shape[1]
-    grid = PEAK_GRID_HZ.float()
-    re, im = mgf_response(2 * math.pi * grid, *layer.analog_params())
-    in_band = grid[(re ** 2 + im ** 2).argmax(1)] < 3500  # channels that see the signal
-    # frame 0's window starts before t=0 at rates above 16 kHz (zero padding there), so compare from frame 1
-    err = ((out - ref)[in_band, 1:].norm(dim=1) / ref[in_band, 1:].norm(dim=1)).max().item()
+    in_band = peaks_hz(layer) < 3500  # channels that see the signal
+    err = channel_errors(out, ref)[in_band].max().item()
     print(f"{fs} Hz: worst per-channel relative error {err:.2e} over {int(in_band.sum())} channels")
     assert err < tol
+
+
+def test_unmuted_channels_above_nyquist_keep_their_in_band_skirt_at_8k():
+    """mute_above_nyquist=False: a channel peaked at 4-5.5 kHz still hears a < 3.5 kHz signal through its
+    skirt at 16 kHz; at 8 kHz unmuted it hears the same thing, muted it hears nothing."""
+    torch.manual_seed(0)
+    muted, unmuted = SFIConv1d(64, 1), SFIConv1d(64, 1, mute_above_nyquist=False)
+    unmuted.load_state_dict(muted.state_dict())
+    skirt = (peaks_hz(muted) >= 4000) & (peaks_hz(muted) < 5500)
+    assert skirt.sum() >= 3
+    assert unmuted.active_channels(8000).all() and not muted.active_channels(8000)[skirt].any()
+    ref, _ = multitone_frames(muted, 16000)
+    assert torch.allclose(ref, multitone_frames(unmuted, 16000)[0])  # the flag only matters below 16 kHz
+    err_muted = channel_errors(multitone_frames(muted, 8000)[0], ref)[skirt]
+    err_unmuted = channel_errors(multitone_frames(unmuted, 8000)[0], ref)[skirt]
+    print("skirt channels, 8 kHz vs 16 kHz relative error: muted", err_muted.tolist(),
+          "unmuted", err_unmuted.tolist())
+    assert torch.all(err_muted > 0.99)
+    assert torch.all(err_unmuted < 0.35)  # measured 0.18-0.28: 8 kHz has 5 taps per window
 
 
 def test_fit_to_conv_kernel_reproduces_its_output_at_16k():
