@@ -403,6 +403,20 @@ def test_shipped_distill_configs_parse(name):
     assert built["data"].rates and built["model"].mos_loss in ("l1", "mse")
 
 
+def test_stage3_config_builds_the_bundled_models_architecture():
+    """The card's stage-3 command must give the shipped architecture, SFI muting flag included."""
+    import json
+
+    from msr_utmos_cli.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    built, _ = load_config(root / "configs" / "default_model_stage3.yaml", [], distill.SECTIONS)
+    cfg = distill.student_config(built["model"], teacher=None)
+    shipped = json.loads((root / "models" / "msr-utmos-small-distillmos" / "config.json").read_text())["config"]
+    assert cfg.sfi_mute_above_nyquist is False
+    assert cfg.to_dict() == shipped
+
+
 def _cached_label_sets(assets, tmp_path, full=4.5):
     wavs = sorted((assets / "wav").glob("*.wav"))
     for p in wavs:
