@@ -8,7 +8,9 @@
    rate, so upsampling never widens the content) and at its own file rate ("native"). SRCC, LCC, mean
    absolute difference. Target: SRCC >= 0.9 at every presentation rate.
    At 8 kHz also against the teacher hearing the clip at 8 kHz too (resampled 8 kHz -> 16 kHz): what the
-   student can hear at that rate, and what the default model is distilled towards at 8 kHz.
+   student can hear at that rate, and what the default model is distilled towards at 8 kHz. And the
+   student at 16 kHz hearing the clip after 8 kHz: against the teacher, and against the student at
+   8 kHz, which tells an 8 kHz gap of the SFI path from one of judging narrowband audio at any rate.
 2. Rate independence: every rate_ladder.csv clip scored at each rate it is stored at (no resampling);
    spread = max - min over rates. Target: mean spread < 0.05 MOS. DistillMOS's own spread on the same
    ladder (each rung resampled to 16 kHz, as it is used) is reported beside it.
@@ -113,6 +115,12 @@ def student_at_rates(model, paths: list[Path], rates) -> dict[str, list[float]]:
     return out
 
 
+def student_heard_at(model, paths: list[Path], rate: int, at: int) -> list[float]:
+    """Student MOS for each clip heard at `rate` (resampled there, band and all) and presented at `at`."""
+    waves = [heard_at(w, sr, rate, at) for w, sr in (load(p) for p in paths)]
+    return score_waveforms(model, waves, at)
+
+
 # --- metrics -------------------------------------------------------------------------------
 def agreement(student: list[float], teacher: list[float]) -> dict:
     s, t = np.asarray(student), np.asarray(teacher)
@@ -208,6 +216,13 @@ def print_tables(res: dict) -> None:
     a = res["agreement_teacher_heard_at_8000"]["8000"]
     print(f"| 8000, teacher also hearing the clip at 8 kHz | {a['n']} | {a['srcc']:.3f} | {a['lcc']:.3f} | "
           f"{a['mad']:.3f} | {a['bias']:+.3f} |")
+    nb = res["student_16000_heard_at_8000"]
+    a = nb["vs_teacher"]
+    print(f"| 16000, the clip heard at 8 kHz first | {a['n']} | {a['srcc']:.3f} | {a['lcc']:.3f} | "
+          f"{a['mad']:.3f} | {a['bias']:+.3f} |")
+    a = nb["student_8000_vs_it"]
+    print(f"\nstudent at 8 kHz vs itself at 16 kHz hearing the same 8 kHz audio: SRCC {a['srcc']:.3f}, "
+          f"mean abs diff {a['mad']:.3f}, mean diff {a['bias']:+.3f} (the 8 kHz path's own share of the 8 kHz gap)")
     ok = res["targets"]["srcc_min"] >= TARGET_SRCC
     print(f"\nlowest SRCC over presentation rates: {res['targets']['srcc_min']:.3f} "
           f"(target >= {TARGET_SRCC}: {'met' if ok else 'NOT met'})")
@@ -315,6 +330,7 @@ def main() -> None:
     runtime["teacher"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     student = student_at_rates(model, paths, RATES)
+    narrow16 = student_heard_at(model, paths, 8000, 16000)
     runtime["student"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ladder = rate_ladder(model, args.corpus)
@@ -331,6 +347,8 @@ def main() -> None:
            "threads": torch.get_num_threads(), "load_avg_1min": [load_start, os.getloadavg()[0]],
            "machine": platform.platform(), "agreement": agree,
            "agreement_teacher_heard_at_8000": {"8000": agreement(student["8000"], teacher8)},
+           "student_16000_heard_at_8000": {"vs_teacher": agreement(narrow16, teacher),
+                                           "student_8000_vs_it": agreement(student["8000"], narrow16)},
            "targets": {"srcc_min": min(agree[str(r)]["srcc"] for r in RATES), "srcc_target": TARGET_SRCC,
                        "mean_spread": ladder["mean_spread"], "spread_target": TARGET_SPREAD},
            "rate_ladder": ladder, "rate_ladder_teacher": ladder_t, "severity": severity_order(rows, student["native"], teacher),

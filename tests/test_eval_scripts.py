@@ -70,6 +70,9 @@ def test_student_and_ladder_on_tiny_model(tiny_model_dir, tiny_corpus):
     assert set(out) == {"8000", "16000", "48000", "native"}
     assert out["native"][0] == out["8000"][0] and out["native"][1] == out["16000"][1]  # reused, not rescored
     assert all(1 <= s <= 5 for v in out.values() for s in v)
+    narrow = ev.student_heard_at(model, paths, 8000, 16000)
+    assert narrow[0] == out["16000"][0]  # an 8 kHz file heard at 8 kHz is the file itself, at 16 kHz
+    assert narrow[2] != out["16000"][2]  # a 32 kHz file loses its band above 4 kHz first
     lad = ev.rate_ladder(model, tiny_corpus)
     assert lad["clips"] == 1 and lad["rates"] == [8000, 16000, 48000] and lad["worst_spread"] >= 0
 
