@@ -185,15 +185,18 @@ class SFIConv1d(nn.Module):
             self._geometry[fs] = FrameGeometry(fs, self.base_rate, self.kernel, self.stride, self.max_phases)
         return self._geometry[fs]
 
+    def peak_hz(self) -> torch.Tensor:
+        """Frequency of each channel's largest analog response, on a 25 Hz grid. (C,)"""
+        with torch.no_grad():
+            grid = PEAK_GRID_HZ.to(self.mu_khz.device, torch.float32)
+            re, im = mgf_response(TWO_PI * grid, *self.analog_params())
+            return grid[(re ** 2 + im ** 2).argmax(dim=1)]
+
     def active_channels(self, fs: int) -> torch.Tensor:
         """Anti-aliasing: below the base rate, channels whose peak lies above fs/2 are off. (C,) bool."""
         if fs >= self.base_rate or not self.mute_above_nyquist:
             return torch.ones(self.channels, dtype=torch.bool, device=self.mu_khz.device)
-        with torch.no_grad():
-            grid = PEAK_GRID_HZ.to(self.mu_khz.device, torch.float32)
-            re, im = mgf_response(TWO_PI * grid, *self.analog_params())
-            peak_hz = grid[(re ** 2 + im ** 2).argmax(dim=1)]
-        return peak_hz < fs / 2
+        return self.peak_hz() < fs / 2
 
     def taps(self, fs: int) -> torch.Tensor:
         """Discrete taps for rate `fs`, one set per phase: (P, C, L). Differentiable in the analog params."""

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from msr_utmos_cli.sfi import PEAK_GRID_HZ, FrameGeometry, SFIConv1d, fit_to_kernel, mgf_response
+from msr_utmos_cli.sfi import FrameGeometry, SFIConv1d, fit_to_kernel, mgf_response
 
 RATES = [8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000, 192000]
 
@@ -46,8 +46,6 @@ def normalised(y):
     return (y - y.mean(-1, keepdim=True)) / (y.var(-1, keepdim=True, unbiased=False) + 1e-5).sqrt()
 
 
-# Worst relative error of the normalised outputs vs 16 kHz, measured: 8 kHz 0.11, 22.05 kHz 5.4e-3,
-# 24 kHz 4.1e-3, 44.1 kHz 3.0e-3, 48 kHz 1.5e-3. 8 kHz has only 5 taps per window, hence its margin.
 def multitone_frames(layer, rate):
     """30 random tones below 3.5 kHz, 1 s at `rate` -> the layer's per-channel normalised frames (C, F), (1,)."""
     g = torch.Generator().manual_seed(1)
@@ -60,17 +58,13 @@ def multitone_frames(layer, rate):
     return normalised(y[0]), n
 
 
-def peaks_hz(layer):
-    grid = PEAK_GRID_HZ.float()
-    re, im = mgf_response(2 * math.pi * grid, *layer.analog_params())
-    return grid[(re ** 2 + im ** 2).argmax(1)]
-
-
 def channel_errors(out, ref):
     """Per-channel relative error from frame 1 on (frame 0's window starts before t=0 above 16 kHz)."""
     return (out - ref)[:, 1:].norm(dim=1) / ref[:, 1:].norm(dim=1)
 
 
+# Worst relative error of the normalised outputs vs 16 kHz, measured: 8 kHz 0.11, 22.05 kHz 5.4e-3,
+# 24 kHz 4.1e-3, 44.1 kHz 3.0e-3, 48 kHz 1.5e-3. 8 kHz has only 5 taps per window, hence its margin.
 @pytest.mark.parametrize("fs,tol", [(8000, 0.15), (22050, 0.01), (24000, 0.01), (44100, 0.01), (48000, 0.01)])
 def test_bandlimited_signal_gives_same_frames_at_every_rate(fs, tol):
     """(b) content below 3.5 kHz at any rate -> the 16 kHz frames, after per-channel normalisation."""
@@ -79,7 +73,7 @@ def test_bandlimited_signal_gives_same_frames_at_every_rate(fs, tol):
     ref, n_ref = multitone_frames(layer, 16000)
     out, n = multitone_frames(layer, fs)
     assert out.shape == ref.shape and n.item() == n_ref.item() == ref.shape[1]
-    in_band = peaks_hz(layer) < 3500  # channels that see the signal
+    in_band = layer.peak_hz() < 3500  # channels that see the signal
     err = channel_errors(out, ref)[in_band].max().item()
     print(f"{fs} Hz: worst per-channel relative error {err:.2e} over {int(in_band.sum())} channels")
     assert err < tol
@@ -91,7 +85,7 @@ def test_unmuted_channels_above_nyquist_keep_their_in_band_skirt_at_8k():
     torch.manual_seed(0)
     muted, unmuted = SFIConv1d(64, 1), SFIConv1d(64, 1, mute_above_nyquist=False)
     unmuted.load_state_dict(muted.state_dict())
-    skirt = (peaks_hz(muted) >= 4000) & (peaks_hz(muted) < 5500)
+    skirt = (muted.peak_hz() >= 4000) & (muted.peak_hz() < 5500)
     assert skirt.sum() >= 3
     assert unmuted.active_channels(8000).all() and not muted.active_channels(8000)[skirt].any()
     ref, _ = multitone_frames(muted, 16000)
