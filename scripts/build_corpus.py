@@ -9,6 +9,7 @@ then presented at a sampling rate drawn from RATES. Upsampling is band-limited (
 
     python scripts/build_corpus.py --out corpus/ --seed 0 [--max-clips N] [--rate-ladder]
     python scripts/build_corpus.py --examples examples/
+    python scripts/build_corpus.py --fingerprint corpus/    # compare a build with the model card's
 
 Install the tools with scripts/install_corpus_tools.sh. Same seed -> identical manifest and audio.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import shlex
 import shutil
@@ -528,10 +530,36 @@ def build(out: Path, seed: int = 0, max_clips: int | None = None, rate_ladder: b
             lrows = ladder_rows(clips, out, tmp, seed, sources)
             write_csv(out / "rate_ladder.csv", lrows, ("ladder_id",) + MANIFEST_COLUMNS)
     stats = summarize(rows)
-    info = {"seed": seed, "max_clips": max_clips, "rate_ladder": rate_ladder, "train_variants": train_variants, "held_out_test_recipes":
+    info = {"fingerprint": fingerprint(out), "seed": seed, "max_clips": max_clips, "rate_ladder": rate_ladder, "train_variants": train_variants, "held_out_test_recipes":
             sorted(f"{k}:{s}" for k, s in HELD_OUT), **report, **stats, "build_seconds": round(time.time() - t0, 1)}
     (out / "build_info.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     return info
+
+
+def fingerprint(out: Path) -> dict[str, str]:
+    """SHA-256 per split, of each manifest row and the bytes of its file (16 hex digits).
+
+    Two builds with the same fingerprint are the same corpus byte for byte, so a rerun can tell
+    'identical' (other tool versions may change the bytes) from 'only within the card's tolerances'.
+    The larger --train-variants builds keep valid, test and the ladder, so those digests match too.
+    """
+    def digest(rows: list[dict]) -> str:
+        h = hashlib.sha256()
+        for r in sorted(rows, key=lambda r: r["path"]):
+            h.update(json.dumps(r, sort_keys=True).encode())
+            h.update(hashlib.sha256((out / r["path"]).read_bytes()).digest())
+        return h.hexdigest()[:16]
+
+    def read(name: str) -> list[dict]:
+        with open(out / name, newline="") as f:
+            return list(csv.DictReader(f))
+
+    rows = read("manifest.csv")
+    fp = {"all": digest(rows)}
+    fp.update({s: digest([r for r in rows if r["split"] == s]) for s in sorted({r["split"] for r in rows})})
+    if (out / "rate_ladder.csv").exists():
+        fp["rate_ladder"] = digest(read("rate_ladder.csv"))
+    return fp
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -624,14 +652,24 @@ def main(argv=None) -> None:
                     help=f"degraded versions of each training utterance (default {VARIANTS_PER_UTT}); "
                          "valid and test keep theirs, and every clip of the default build stays as it is")
     ap.add_argument("--examples", type=Path, default=None, help="regenerate the bundled examples here and stop")
+    ap.add_argument("--fingerprint", type=Path, default=None, metavar="DIR",
+                    help="print the fingerprint of the build in DIR (compare with the model card) and stop")
     a = ap.parse_args(argv)
+    if a.fingerprint:
+        if not (a.fingerprint / "manifest.csv").is_file():
+            ap.error(f"{a.fingerprint}: no manifest.csv (not a corpus build)")
+        try:
+            print(json.dumps(fingerprint(a.fingerprint), indent=1))
+        except FileNotFoundError as e:
+            raise SystemExit(f"{a.fingerprint}: a file the manifest lists is missing: {e.filename}")
+        return
     if a.examples:
         build_examples(a.examples)
         return
     if a.train_variants < 1:
         ap.error("--train-variants must be at least 1")
     info = build(a.out, a.seed, a.max_clips, a.rate_ladder, not a.no_alsa, train_variants=a.train_variants)
-    print(json.dumps({k: info[k] for k in ("clips", "hours", "build_seconds", "by_split", "missing_codecs",
+    print(json.dumps({k: info[k] for k in ("clips", "hours", "build_seconds", "by_split", "fingerprint", "missing_codecs",
                                            "missing_voices")}, indent=1))
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -121,3 +122,25 @@ def test_deterministic(tiny, tmp_path):
     assert (tmp_path / "rate_ladder.csv").read_bytes() == (tiny / "rate_ladder.csv").read_bytes()
     for r in _read(tiny / "manifest.csv")[:10]:
         assert (tmp_path / r["path"]).read_bytes() == (tiny / r["path"]).read_bytes(), r["path"]
+    info = json.loads((tmp_path / "build_info.json").read_text())
+    assert info["fingerprint"] == json.loads((tiny / "build_info.json").read_text())["fingerprint"]
+    assert info["fingerprint"] == build_corpus.fingerprint(tmp_path)
+
+
+def test_fingerprint_names_the_split_that_changed(tiny, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny, copy)
+    before = build_corpus.fingerprint(copy)
+    assert set(before) == {"all", "train", "valid", "test", "rate_ladder"}
+    victim = next(r for r in _read(copy / "manifest.csv") if r["split"] == "test")
+    data = bytearray((copy / victim["path"]).read_bytes())
+    data[-1] ^= 1  # one bit of the last sample
+    (copy / victim["path"]).write_bytes(bytes(data))
+    after = build_corpus.fingerprint(copy)
+    assert {k for k in before if before[k] != after[k]} == {"all", "test"}
+
+
+def test_fingerprint_cli_rejects_a_folder_that_is_no_build(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        build_corpus.main(["--fingerprint", str(tmp_path)])
+    assert "no manifest.csv" in capsys.readouterr().err
