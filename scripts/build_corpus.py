@@ -11,7 +11,8 @@ then presented at a sampling rate drawn from RATES. Upsampling is band-limited (
     python scripts/build_corpus.py --examples examples/
     python scripts/build_corpus.py --fingerprint corpus/    # compare a build with the model card's
 
-Install the tools with scripts/install_corpus_tools.sh. Same seed -> identical manifest and audio.
+It runs scripts/install_corpus_tools.sh (apt-get) first when a tool, voice or codec is missing
+(--no-install: build from what exists). Same seed -> identical manifest and audio.
 """
 
 from __future__ import annotations
@@ -198,6 +199,32 @@ def tool_report() -> dict:
             "voices": sorted(v for v, ok in voices.items() if ok),
             "missing_voices": sorted(v for v, ok in voices.items() if not ok),
             "asterisk": str(asterisk_dir() or ""), "alsa": ALSA_DIR.is_dir()}
+
+
+def missing_tools(report: dict) -> list[str]:
+    """What the full corpus needs and this machine lacks (empty: nothing to install)."""
+    return ([t for t, ok in report["tools"].items() if not ok] + report["missing_voices"]
+            + report["missing_codecs"] + ([] if report["asterisk"] else ["asterisk prompts"])
+            + ([] if report["alsa"] else ["alsa sounds"]))
+
+
+def install_missing_tools() -> None:
+    """Run install_corpus_tools.sh (apt-get, via sudo when not root) if anything is missing.
+
+    Without it the build still runs on what exists and records what was absent in build_info.json,
+    but that is a different corpus from the model card's, so the default is to install first.
+    """
+    missing = missing_tools(tool_report())
+    if not missing:
+        return
+    script = Path(__file__).with_name("install_corpus_tools.sh")
+    print(f"build_corpus: missing {', '.join(missing)}; running {script} (--no-install skips this)",
+          file=sys.stderr)
+    subprocess.run(["bash", str(script)], check=False)
+    still = missing_tools(tool_report())
+    if still:
+        print(f"build_corpus: still missing {', '.join(still)}: building without them "
+              "(a different corpus from the model card's)", file=sys.stderr)
 
 
 def source_utterances(report: dict, use_alsa: bool = True) -> list[Utterance]:
@@ -652,6 +679,8 @@ def main(argv=None) -> None:
                     help=f"degraded versions of each training utterance (default {VARIANTS_PER_UTT}); "
                          "valid and test keep theirs, and every clip of the default build stays as it is")
     ap.add_argument("--examples", type=Path, default=None, help="regenerate the bundled examples here and stop")
+    ap.add_argument("--no-install", action="store_true",
+                    help="do not run scripts/install_corpus_tools.sh when a tool, voice or codec is missing")
     ap.add_argument("--fingerprint", type=Path, default=None, metavar="DIR",
                     help="print the fingerprint of the build in DIR (compare with the model card) and stop")
     a = ap.parse_args(argv)
@@ -668,6 +697,8 @@ def main(argv=None) -> None:
         return
     if a.train_variants < 1:
         ap.error("--train-variants must be at least 1")
+    if not a.no_install:
+        install_missing_tools()
     info = build(a.out, a.seed, a.max_clips, a.rate_ladder, not a.no_alsa, train_variants=a.train_variants)
     print(json.dumps({k: info[k] for k in ("clips", "hours", "build_seconds", "by_split", "fingerprint", "missing_codecs",
                                            "missing_voices")}, indent=1))

@@ -144,3 +144,39 @@ def test_fingerprint_cli_rejects_a_folder_that_is_no_build(tmp_path, capsys):
     with pytest.raises(SystemExit):
         build_corpus.main(["--fingerprint", str(tmp_path)])
     assert "no manifest.csv" in capsys.readouterr().err
+
+
+def _report_without(monkeypatch, tool):
+    real = build_corpus.tool_report()
+    fake = {**real, "tools": {**real["tools"], tool: False}}
+    monkeypatch.setattr(build_corpus, "tool_report", lambda: fake)
+    return fake
+
+
+def test_missing_tools_run_the_installer(monkeypatch, capsys):
+    _report_without(monkeypatch, "flite")
+    calls = []
+    monkeypatch.setattr(build_corpus.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    build_corpus.install_missing_tools()
+    assert calls == [["bash", str(ROOT / "scripts" / "install_corpus_tools.sh")]]
+    err = capsys.readouterr().err
+    assert "missing flite" in err and "still missing flite" in err  # the fake report never heals
+
+
+def test_nothing_missing_or_no_install_runs_no_installer(monkeypatch, tmp_path):
+    calls = []
+    real_run = build_corpus.subprocess.run
+    def spy(cmd, **kw):
+        if cmd[0] == "bash":
+            calls.append(cmd)
+            return None
+        return real_run(cmd, **kw)
+    monkeypatch.setattr(build_corpus.subprocess, "run", spy)
+    build_corpus.install_missing_tools()  # this machine has every tool (module skip otherwise)
+    _report_without(monkeypatch, "ffmpeg")
+    monkeypatch.setattr(build_corpus, "build", lambda *a, **kw: {k: None for k in (
+        "clips", "hours", "build_seconds", "by_split", "fingerprint", "missing_codecs", "missing_voices")})
+    build_corpus.main(["--out", str(tmp_path), "--no-install"])
+    assert calls == []
+    build_corpus.main(["--out", str(tmp_path)])
+    assert len(calls) == 1
