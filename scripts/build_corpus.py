@@ -201,27 +201,27 @@ def tool_report() -> dict:
             "asterisk": str(asterisk_dir() or ""), "alsa": ALSA_DIR.is_dir()}
 
 
-def missing_tools(report: dict) -> list[str]:
+def missing_tools(report: dict, use_alsa: bool = True) -> list[str]:
     """What the full corpus needs and this machine lacks (empty: nothing to install)."""
     return ([t for t, ok in report["tools"].items() if not ok] + report["missing_voices"]
             + report["missing_codecs"] + ([] if report["asterisk"] else ["asterisk prompts"])
-            + ([] if report["alsa"] else ["alsa sounds"]))
+            + ([] if report["alsa"] or not use_alsa else ["alsa sounds"]))
 
 
-def install_missing_tools() -> None:
+def install_missing_tools(use_alsa: bool = True) -> None:
     """Run install_corpus_tools.sh (apt-get, via sudo when not root) if anything is missing.
 
     Without it the build still runs on what exists and records what was absent in build_info.json,
     but that is a different corpus from the model card's, so the default is to install first.
     """
-    missing = missing_tools(tool_report())
+    missing = missing_tools(tool_report(), use_alsa)
     if not missing:
         return
     script = Path(__file__).with_name("install_corpus_tools.sh")
     print(f"build_corpus: missing {', '.join(missing)}; running {script} (--no-install skips this)",
           file=sys.stderr)
     subprocess.run(["bash", str(script)], check=False)
-    still = missing_tools(tool_report())
+    still = missing_tools(tool_report(), use_alsa)
     if still:
         print(f"build_corpus: still missing {', '.join(still)}: building without them "
               "(a different corpus from the model card's)", file=sys.stderr)
@@ -692,13 +692,13 @@ def main(argv=None) -> None:
         except FileNotFoundError as e:
             raise SystemExit(f"{a.fingerprint}: a file the manifest lists is missing: {e.filename}")
         return
-    if a.examples:
-        build_examples(a.examples)
-        return
     if a.train_variants < 1:
         ap.error("--train-variants must be at least 1")
     if not a.no_install:
-        install_missing_tools()
+        install_missing_tools(use_alsa=not a.no_alsa)
+    if a.examples:
+        build_examples(a.examples)
+        return
     info = build(a.out, a.seed, a.max_clips, a.rate_ladder, not a.no_alsa, train_variants=a.train_variants)
     print(json.dumps({k: info[k] for k in ("clips", "hours", "build_seconds", "by_split", "fingerprint", "missing_codecs",
                                            "missing_voices")}, indent=1))

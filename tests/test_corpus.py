@@ -180,3 +180,9 @@ def test_nothing_missing_or_no_install_runs_no_installer(monkeypatch, tmp_path):
     assert calls == []
     build_corpus.main(["--out", str(tmp_path)])
     assert len(calls) == 1
+
+
+def test_no_alsa_does_not_ask_for_the_alsa_sounds():
+    report = {**build_corpus.tool_report(), "alsa": False}
+    assert "alsa sounds" in build_corpus.missing_tools(report)
+    assert "alsa sounds" not in build_corpus.missing_tools(report, use_alsa=False)
