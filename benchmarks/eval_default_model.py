@@ -2,6 +2,7 @@
 
     python benchmarks/eval_default_model.py --model models/<name> --corpus corpus/ [--split test]
         [--out eval_results.json] [--plots docs/] [--batch-size 16] [--device cpu]
+        [--check-against docs/eval_default_model.json]   # a retrained model: within the card's tolerances?
 
 1. Agreement: DistillMOS's MOS on each clip of the split resampled to 16 kHz, vs the student's score on
    the same clip presented at 8, 16, 22.05, 24, 44.1 and 48 kHz (band-limited resampling from its file
@@ -49,6 +50,7 @@ from msr_utmos_cli.scoring import score_waveforms
 RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 TEACHER_RATE = 16000
 TARGET_SRCC, TARGET_SPREAD = 0.9, 0.05
+TOLERANCE = {"srcc": 0.05, "mad": 0.05, "mean_spread": 0.02}  # the model card's, for a retrained model
 
 
 def read_rows(csv_path: Path, split: str | None) -> list[dict]:
@@ -126,6 +128,21 @@ def agreement(student: list[float], teacher: list[float]) -> dict:
     s, t = np.asarray(student), np.asarray(teacher)
     return {"n": len(s), "srcc": float(spearmanr(s, t)[0]), "lcc": float(pearsonr(s, t)[0]),
             "mad": float(np.abs(s - t).mean()), "bias": float((s - t).mean())}
+
+
+def within_tolerance(res: dict, ref: dict) -> list[tuple[str, float, float, bool]]:
+    """(number, this run, reference, within the card's tolerance) for every toleranced number.
+
+    A retrained model reproduces the released one when every row is within tolerance.
+    """
+    rows = []
+    for r in RATES:
+        for m in ("srcc", "mad"):
+            a, b = res["agreement"][str(r)][m], ref["agreement"][str(r)][m]
+            rows.append((f"{m.upper()} at {r} Hz", a, b, abs(a - b) <= TOLERANCE[m] + 1e-9))
+    a, b = res["rate_ladder"]["mean_spread"], ref["rate_ladder"]["mean_spread"]
+    rows.append(("mean rate-ladder spread", a, b, abs(a - b) <= TOLERANCE["mean_spread"] + 1e-9))
+    return rows
 
 
 def rate_ladder(model, corpus: Path) -> dict:
@@ -310,7 +327,19 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="DistillMOS batch (the student scores each clip alone)")
     ap.add_argument("--max-clips", type=int, default=0, help="first N clips of the split only (smoke runs)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--check-against", type=Path, default=None, metavar="JSON",
+                    help="a reference result (docs/eval_default_model.json): exit 1 unless SRCC and mean abs. "
+                         "difference at every rate are within 0.05 of it and the mean spread within 0.02")
     args = ap.parse_args()
+    ref = None
+    if args.check_against:
+        try:
+            ref = json.loads(args.check_against.read_text())
+            ref_split, ref_n = ref["split"], ref["n_clips"]
+        except (OSError, ValueError, KeyError) as e:
+            sys.exit(f"{args.check_against}: not a result of this script ({type(e).__name__}: {e})")
+        if ref_split != args.split:
+            sys.exit(f"{args.check_against}: a result on split {ref_split!r}, not {args.split!r}")
 
     t_start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     runtime = {}
@@ -319,6 +348,8 @@ def main() -> None:
         rows = rows[:args.max_clips]
     if not rows:
         sys.exit(f"no clips in split {args.split!r} of {args.corpus / 'manifest.csv'}")
+    if ref is not None and len(rows) != ref_n:
+        sys.exit(f"{args.check_against}: {ref_n} clips there, {len(rows)} here: not the same split to compare")
     paths = [args.corpus / r["path"] for r in rows]
     model = load_model(args.model, args.device)
 
@@ -364,6 +395,15 @@ def main() -> None:
     args.out.write_text(json.dumps(res, indent=1))
     print_tables(res)
     print(f"wrote {args.out}" + (f" and {', '.join(res['plots'])}" if args.plots else ""))
+    if ref is not None:
+        checks = within_tolerance(res, ref)
+        print(f"\n| against {args.check_against} | this run | reference | within tolerance |\n|---|---|---|---|")
+        for name, a, b, ok in checks:
+            print(f"| {name} | {a:.3f} | {b:.3f} | {'yes' if ok else '**no**'} |")
+        bad = [name for name, *_, ok in checks if not ok]
+        if bad:
+            sys.exit(f"outside the model card's tolerances: {', '.join(bad)}")
+        print("every number within the model card's tolerances")
 
 
 if __name__ == "__main__":

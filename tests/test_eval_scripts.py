@@ -91,3 +91,18 @@ def test_ladder_stats_spread_and_offsets():
 def test_bench_peers_picks_spread_files(tiny_corpus):
     files = bench_peers.pick_files(tiny_corpus, 2)
     assert len(files) == 2 and all(p.exists() for p in files)
+
+
+def _result(srcc: float, mad: float, spread: float) -> dict:
+    return {"agreement": {str(r): {"srcc": srcc, "mad": mad} for r in ev.RATES},
+            "rate_ladder": {"mean_spread": spread}}
+
+
+def test_within_tolerance_flags_only_the_number_that_moved():
+    ref = _result(0.90, 0.23, 0.049)
+    assert all(ok for *_, ok in ev.within_tolerance(_result(0.86, 0.27, 0.065), ref))
+    moved = _result(0.90, 0.23, 0.049)
+    moved["agreement"]["8000"]["srcc"] = 0.84  # 0.06 below
+    moved["rate_ladder"]["mean_spread"] = 0.075  # 0.026 above
+    bad = [name for name, *_, ok in ev.within_tolerance(moved, ref) if not ok]
+    assert bad == ["SRCC at 8000 Hz", "mean rate-ladder spread"]
