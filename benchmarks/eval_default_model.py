@@ -329,7 +329,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--check-against", type=Path, default=None, metavar="JSON",
                     help="a reference result (docs/eval_default_model.json): exit 1 unless SRCC and mean abs. "
-                         "difference at every rate are within 0.05 of it and the mean spread within 0.02")
+                         f"difference at every rate are within {TOLERANCE['srcc']} and {TOLERANCE['mad']} of it "
+                         f"and the mean spread within {TOLERANCE['mean_spread']}")
     args = ap.parse_args()
     ref = None
     if args.check_against:
