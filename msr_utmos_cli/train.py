@@ -241,7 +241,7 @@ def fit(task: Task, cfg: TrainConfig, run_config: dict, resume: bool = False,
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps))
 
-    step, best, bad_validations = 0, None, 0
+    step, best, bad_validations, window = 0, None, 0, None
     if resume:
         ckpt = find_checkpoint(out_dir)
         if ckpt is None:
@@ -254,6 +254,8 @@ def fit(task: Task, cfg: TrainConfig, run_config: dict, resume: bool = False,
         if hasattr(task, "load_state") and st.get("task") is not None:
             task.load_state(st["task"])
         _set_rng_state(st["rng"][rank] if rank < len(st["rng"]) else st["rng"][0])
+        windows = st.get("log_window") or [None]  # older checkpoints: the first record covers the resumed steps only
+        window = windows[rank] if rank < len(windows) else None
     elif world > 1:  # every rank starts from rank 0's weights
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
@@ -273,16 +275,20 @@ def fit(task: Task, cfg: TrainConfig, run_config: dict, resume: bool = False,
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint(name: str = "last") -> None:
-        rngs = [None] * world
+        # The loss sums of the log window in progress go with it, so a resumed run's next record is
+        # the uninterrupted run's to the last bit.
+        own = (_rng_state(), {"sums": dict(window_loss), "n": window_n})
+        gathered = [None] * world
         if world > 1:
-            dist.all_gather_object(rngs, _rng_state())
+            dist.all_gather_object(gathered, own)
         else:
-            rngs = [_rng_state()]
+            gathered = [own]
+        rngs, windows = [g[0] for g in gathered], [g[1] for g in gathered]
         if main:
             state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                      "batches_consumed": step * cfg.grad_accum, "best": best,
-                     "bad_validations": bad_validations, "world_size": world, "rng": rngs,
+                     "bad_validations": bad_validations, "world_size": world, "rng": rngs, "log_window": windows,
                      "task": task.state() if hasattr(task, "state") else None}
             meta = {"step": step, "best": best, "select_metric": select_metric, "run_config": run_config}
             _write_checkpoint(out_dir, name, task, state, run_config, meta)
@@ -340,6 +346,8 @@ def fit(task: Task, cfg: TrainConfig, run_config: dict, resume: bool = False,
     summary = {"out_dir": str(out_dir), "interrupted": False, "early_stopped": False}
     model.train()
     t0, window_audio, window_loss, window_n, last_good = time.perf_counter(), 0.0, {}, 0, step
+    if window is not None:
+        window_loss, window_n = dict(window["sums"]), int(window["n"])
     try:
         while step < cfg.max_steps:
             opt.zero_grad(set_to_none=True)

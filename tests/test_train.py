@@ -73,10 +73,24 @@ def test_interrupt_then_resume_is_bitwise_identical(tmp_path, accum):
     assert steps == list(range(1, 9))  # no duplicate records after resume
 
 
+def test_resume_mid_log_window_logs_what_the_uninterrupted_run_logs(tmp_path):
+    """Stopped after step 5 with records every 3 steps: the step-6 record still averages steps 4-6."""
+    def records(folder):
+        rows = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("time", "audio_s_per_s")} for r in rows]
+
+    fit(Toy(), cfg(tmp_path / "a", log_every=3), {})
+    assert fit(Toy(interrupt_at=4), cfg(tmp_path / "b", log_every=3), {})["step"] == 5
+    fit(Toy(), cfg(tmp_path / "b", log_every=3), {}, resume=True)
+    full, resumed = records(tmp_path / "a"), records(tmp_path / "b")
+    assert [r["step"] for r in full] == [3, 6, 8]
+    assert resumed == full
+
+
 def test_trainer_state_is_weights_only_and_has_everything(tmp_path):
     fit(Toy(), cfg(tmp_path), {"trainer": {"lr": 0.01}})
     st = torch.load(tmp_path / "last" / STATE_FILE, weights_only=True)
-    assert {"model", "optimizer", "scheduler", "step", "rng", "batches_consumed", "best"} <= set(st)
+    assert {"model", "optimizer", "scheduler", "step", "rng", "batches_consumed", "best", "log_window"} <= set(st)
     assert st["step"] == 8 and (tmp_path / "last" / "run_config.yaml").read_text().startswith("trainer:")
 
 
