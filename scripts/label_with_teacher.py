@@ -50,13 +50,14 @@ def main() -> None:
     if os.path.exists(args.out):
         labelled = {r["path"] for r in csv.DictReader(open(args.out, newline=""))}
     done, n_shards = labelled, 0
-    if args.features:  # a clip is done when its features are; its CSV row is still written once only
+    if args.features:  # a clip is done when it has both its features and its CSV row
         os.makedirs(args.features, exist_ok=True)
-        done = set()
+        cached = set()
         for sh in sorted(Path(args.features).glob("*.safetensors")):
             with safe_open(str(sh), "pt") as g:
-                done |= set(g.keys())
+                cached |= set(g.keys())
             n_shards += 1
+        done = cached & labelled
     # Similar lengths share a batch, so little time goes into padding.
     todo = [r["path"] for r in sorted(rows, key=lambda r: float(r["duration_s"])) if r["path"] not in done]
     teacher = load_teacher(args.teacher)
@@ -77,6 +78,10 @@ def main() -> None:
             with torch.inference_mode():
                 out = teacher(batch, lengths)
             mos = out["mos"].tolist()
+            # Rows are flushed before their shard is published: a job stopped in between leaves rows
+            # without features, which the next run redoes, never features without rows.
+            w.writerows([p, f"{m:.5f}"] for p, m in zip(paths, mos) if p not in labelled)
+            f.flush()
             if args.features:
                 feats = {p: out["layers"][args.layer][j, : int(out["lengths"][j])].half().contiguous()
                          for j, p in enumerate(paths)}
@@ -84,8 +89,6 @@ def main() -> None:
                 save_file(feats, str(tmp), metadata={"teacher": args.teacher, "teacher_layer": str(args.layer)})
                 os.replace(tmp, Path(args.features) / f"shard_{n_shards:05d}.safetensors")
                 n_shards += 1
-            w.writerows([p, f"{m:.5f}"] for p, m in zip(paths, mos) if p not in labelled)
-            f.flush()
             print(f"{i + len(paths)}/{len(todo)} clips, {time.perf_counter() - t0:.0f} s", file=sys.stderr, end="\r")
     print(file=sys.stderr)
 

@@ -352,6 +352,32 @@ def test_label_script_caches_the_teachers_own_frames(assets, tmp_path):
         assert torch.allclose(cached[str(p)].float(), want, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("distillmos") is None, reason="distillmos extra not installed")
+def test_label_script_stopped_midway_finishes_every_clip_with_one_row(assets, tmp_path):
+    """A labelling job stopped between a batch's CSV rows and its feature shard (either way round)
+    is finished by a rerun: every clip ends with its features and exactly one row."""
+    from safetensors.torch import load_file
+
+    wavs = sorted((assets / "wav").glob("*.wav"))[:3]
+    (tmp_path / "m.csv").write_text("path,duration_s\n" + "".join(f"{p},1\n" for p in wavs))
+    out, feats = tmp_path / "l.csv", tmp_path / "f"
+    cmd = [sys.executable, "scripts/label_with_teacher.py", "--manifest", str(tmp_path / "m.csv"),
+           "--out", str(out), "--features", str(feats), "--batch-size", "2"]
+    run = lambda: subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).parents[1])
+    run()
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:-1]) + "\n")            # a shard whose rows never reached the CSV
+    run()
+    sorted(feats.glob("*.safetensors"))[0].unlink()          # rows whose shard was never published
+    run()
+    rows = [r.split(",")[0] for r in out.read_text().splitlines()[1:]]
+    assert sorted(rows) == sorted(str(p) for p in wavs)
+    cached = {}
+    for shard in sorted(feats.glob("*.safetensors")):
+        cached.update(load_file(shard))
+    assert set(cached) == {str(p) for p in wavs}
+
+
 def test_targets_at_a_rate_replace_the_full_band_ones_for_that_rate(assets, tmp_path):
     """model.teacher_at_rate: batches presented at 8 kHz carry the teacher's outputs for the clip as
     heard at 8 kHz; other rates keep the full-band ones; a clip missing there is left out."""
