@@ -49,14 +49,15 @@ def main() -> None:
     labelled = set()
     if os.path.exists(args.out):
         labelled = {r["path"] for r in csv.DictReader(open(args.out, newline=""))}
-    done, n_shards = labelled, 0
+    done, n_shards = labelled, 0  # n_shards: the next shard's number, past every existing one
     if args.features:  # a clip is done when it has both its features and its CSV row
         os.makedirs(args.features, exist_ok=True)
         cached = set()
         for sh in sorted(Path(args.features).glob("*.safetensors")):
             with safe_open(str(sh), "pt") as g:
                 cached |= set(g.keys())
-            n_shards += 1
+            if sh.stem.startswith("shard_") and sh.stem[6:].isdigit():
+                n_shards = max(n_shards, int(sh.stem[6:]) + 1)
         done = cached & labelled
     # Similar lengths share a batch, so little time goes into padding.
     todo = [r["path"] for r in sorted(rows, key=lambda r: float(r["duration_s"])) if r["path"] not in done]

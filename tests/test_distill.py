@@ -364,18 +364,20 @@ def test_label_script_stopped_midway_finishes_every_clip_with_one_row(assets, tm
     cmd = [sys.executable, "scripts/label_with_teacher.py", "--manifest", str(tmp_path / "m.csv"),
            "--out", str(out), "--features", str(feats), "--batch-size", "2"]
     run = lambda: subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).parents[1])
+
+    def cached():
+        return {k for shard in feats.glob("*.safetensors") for k in load_file(shard)}
+
     run()
+    sorted(feats.glob("*.safetensors"))[0].unlink()          # rows whose shard was never published
+    run()                                                    # its new shard must not overwrite the last one
+    assert cached() == {str(p) for p in wavs}
     lines = out.read_text().splitlines()
     out.write_text("\n".join(lines[:-1]) + "\n")            # a shard whose rows never reached the CSV
     run()
-    sorted(feats.glob("*.safetensors"))[0].unlink()          # rows whose shard was never published
-    run()
     rows = [r.split(",")[0] for r in out.read_text().splitlines()[1:]]
     assert sorted(rows) == sorted(str(p) for p in wavs)
-    cached = {}
-    for shard in sorted(feats.glob("*.safetensors")):
-        cached.update(load_file(shard))
-    assert set(cached) == {str(p) for p in wavs}
+    assert cached() == {str(p) for p in wavs}
 
 
 def test_targets_at_a_rate_replace_the_full_band_ones_for_that_rate(assets, tmp_path):
