@@ -12,8 +12,8 @@ NARROWBAND: 0.25 when the clip's content stops at or below 4 kHz (bandwidth_hz <
 System = the condition `degradation-severity` (as in a listening test's condition list).
 
     python scripts/label_corpus.py corpus/manifest.csv runs/corpus_labels/
-writes train.csv, valid.csv and test.csv (path,mos,system,domain,bandwidth_hz; paths relative to
-the manifest's folder).
+writes train.csv, valid.csv and test.csv (path,mos,system,domain,bandwidth_hz; absolute paths) and
+train_paths.txt, valid_paths.txt, test_paths.txt (the same paths, one per line, for `utmos score @FILE`).
 """
 from __future__ import annotations
 
@@ -45,14 +45,20 @@ def main(manifest: str, out: str) -> None:
         rows = list(csv.DictReader(f))
     root = Path(manifest).resolve().parent
     for split in ("train", "valid", "test"):
+        picked = [r for r in rows if r["split"] == split]
         with open(out_dir / f"{split}.csv", "w", newline="") as f:
             w = csv.writer(f, lineterminator="\n")
             w.writerow(["path", "mos", "system", "domain", "bandwidth_hz"])
-            for r in rows:
-                if r["split"] == split:
-                    w.writerow([str(root / r["path"]), f"{label(r):.3f}", f"{r['degradation']}-{r['severity']}", 0,
-                                r["bandwidth_hz"]])
+            for r in picked:
+                w.writerow([str(root / r["path"]), f"{label(r):.3f}", f"{r['degradation']}-{r['severity']}", 0,
+                            r["bandwidth_hz"]])
+        (out_dir / f"{split}_paths.txt").write_text("".join(f"{root / r['path']}\n" for r in picked))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if len(sys.argv) != 3:
+        sys.exit("usage: python scripts/label_corpus.py MANIFEST.csv OUT_DIR")
+    try:
+        main(sys.argv[1], sys.argv[2])
+    except (OSError, KeyError, ValueError) as e:
+        sys.exit(f"label_corpus: {sys.argv[1]}: {e}")
