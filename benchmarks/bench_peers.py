@@ -134,8 +134,13 @@ def main() -> None:
         files = [Path(p) for p in Path(args._list).read_text().splitlines()]
         return peak_rss_child(args._child, args.model, files, Path(args._w16))
 
+    import importlib.util
+
     import torch
 
+    for module, extra in (("distillmos", "distillmos"), ("speechmos", "dnsmos")):
+        if importlib.util.find_spec(module) is None:
+            sys.exit(f"bench_peers: peer '{module}' is not installed: pip install -e '.[{extra}]'")
     files = pick_files(args.corpus, args.files)
     tmp = Path(tempfile.mkdtemp(prefix="bench_peers_"))
     listing = tmp / "files.txt"
