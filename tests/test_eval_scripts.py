@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import soundfile as sf
 
 from conftest import speechlike
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_peers  # noqa: E402
 import eval_default_model as ev  # noqa: E402
 
@@ -114,8 +116,9 @@ def test_label_corpus_path_lists_feed_utmos_score(tiny_model_dir, tmp_path):
 
     from msr_utmos_cli.cli import app
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import label_corpus
+    spec = importlib.util.spec_from_file_location("label_corpus", ROOT / "scripts" / "label_corpus.py")
+    label_corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(label_corpus)
 
     corpus = tmp_path / "corpus"
     (corpus / "audio").mkdir(parents=True)
