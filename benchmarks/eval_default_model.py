@@ -15,6 +15,9 @@
 2. Rate independence: every rate_ladder.csv clip scored at each rate it is stored at (no resampling);
    spread = max - min over rates. Target: mean spread < 0.05 MOS. DistillMOS's own spread on the same
    ladder (each rung resampled to 16 kHz, as it is used) is reported beside it.
+   Where the gap lies: the same agreement on the clips whose recipe (degradation and severity) the train
+   split also has and on those whose recipe it never has, and, at 8 kHz, on clips whose real band fits
+   below 4 kHz and on wider ones, which lose content there.
 3. Severity order: pairs of clips of the same source utterance (utt_id) with different severity, within
    one degradation type (a clean clip is severity 0 of every type); the share the student (native rate)
    and the teacher rank the right way round (more severe -> lower; a tie counts half). The same over
@@ -130,6 +133,21 @@ def agreement(student: list[float], teacher: list[float]) -> dict:
             "mad": float(np.abs(s - t).mean()), "bias": float((s - t).mean())}
 
 
+def breakdown(rows: list[dict], train_recipes: set, student: dict, teacher: list[float]) -> dict:
+    """Agreement on subsets of the split (see the module docstring, 1.), {subset: {rate: agreement}}."""
+    recipe = [(r["degradation"], r["severity"]) for r in rows]
+    subsets = {"recipe seen in training": [k in train_recipes for k in recipe],
+               "recipe never trained on": [k not in train_recipes for k in recipe]}
+    out = {name: {str(r): agreement(*(np.asarray(v)[m].tolist() for v in (student[str(r)], teacher)))
+                  for r in RATES} for name, m in ((n, np.asarray(m)) for n, m in subsets.items()) if 2 < m.sum()}
+    fits = np.asarray([float(r["bandwidth_hz"]) <= 4000 for r in rows])
+    for name, m in (("band fits below 4 kHz", fits), ("band wider than 4 kHz", ~fits)):
+        if 2 < m.sum():
+            out[name] = {"8000": agreement(np.asarray(student["8000"])[m].tolist(), np.asarray(teacher)[m].tolist()),
+                         "16000": agreement(np.asarray(student["16000"])[m].tolist(), np.asarray(teacher)[m].tolist())}
+    return out
+
+
 def within_tolerance(res: dict, ref: dict) -> list[tuple[str, float, float, bool]]:
     """(number, this run, reference, within the card's tolerance) for every toleranced number.
 
@@ -243,6 +261,12 @@ def print_tables(res: dict) -> None:
     ok = res["targets"]["srcc_min"] >= TARGET_SRCC
     print(f"\nlowest SRCC over presentation rates: {res['targets']['srcc_min']:.3f} "
           f"(target >= {TARGET_SRCC}: {'met' if ok else 'NOT met'})")
+    print("\nwhere the gap lies (SRCC with the teacher, n clips):\n")
+    print("| subset | n | " + " | ".join(f"{r}" for r in RATES) + " |")
+    print("|---|---|" + "---|" * len(RATES))
+    for name, by in res.get("breakdown", {}).items():
+        n = next(iter(by.values()))["n"]
+        print(f"| {name} | {n} | " + " | ".join(f"{by[str(r)]['srcc']:.3f}" if str(r) in by else "" for r in RATES) + " |")
     lad = res["rate_ladder"]
     print(f"\n## Rate independence ({lad['clips']} rate-ladder clips, band-limited < 3.5 kHz, "
           f"each stored at {', '.join(str(r) for r in lad['rates'])} Hz)\n")
@@ -383,6 +407,8 @@ def main() -> None:
                                            "student_8000_vs_it": agreement(student["8000"], narrow16)},
            "targets": {"srcc_min": min(agree[str(r)]["srcc"] for r in RATES), "srcc_target": TARGET_SRCC,
                        "mean_spread": ladder["mean_spread"], "spread_target": TARGET_SPREAD},
+           "breakdown": breakdown(rows, {(r["degradation"], r["severity"]) for r in
+                                         read_rows(args.corpus / "manifest.csv", "train")}, student, teacher),
            "rate_ladder": ladder, "rate_ladder_teacher": ladder_t, "severity": severity_order(rows, student["native"], teacher),
            "clips": [{"path": r["path"], "sample_rate": int(r["sample_rate"]), "degradation": r["degradation"],
                       "severity": int(r["severity"]), "teacher": teacher[i],

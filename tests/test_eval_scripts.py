@@ -41,6 +41,25 @@ def test_agreement_perfect_rank():
     assert a["srcc"] == pytest.approx(1.0) and a["mad"] == pytest.approx(2 / 3)
 
 
+def test_breakdown_splits_seen_from_held_out_recipes_and_narrow_from_wide():
+    """Subsets by recipe (in the train split or not) at every rate, by real band at 8 and 16 kHz: a student
+    right on seen recipes and backwards on the held-out one shows it in the subsets, not in one average."""
+    rows = [{"degradation": d, "severity": str(s), "bandwidth_hz": str(bw)}
+            for d, s, bw in [("noise_white", 1, 4000), ("noise_white", 2, 8000), ("clipping", 1, 4000),
+                             ("clipping", 2, 8000), ("codec_codec2", 3, 4000), ("codec_codec2", 3, 4000),
+                             ("codec_codec2", 3, 4000)]]
+    teacher = [1.0, 2.0, 3.0, 4.0, 1.5, 2.5, 3.5]
+    s8 = [1.0, 2.0, 3.0, 4.0, 3.5, 2.5, 1.5]  # right on the 4 seen, backwards on the 3 held out
+    student = {str(r): s8 for r in ev.RATES}
+    res = ev.breakdown(rows, {("noise_white", "1"), ("noise_white", "2"), ("clipping", "1"), ("clipping", "2")},
+                       student, teacher)
+    assert res["recipe seen in training"]["8000"]["srcc"] == pytest.approx(1.0)
+    assert res["recipe seen in training"]["48000"]["n"] == 4
+    assert res["recipe never trained on"]["8000"]["srcc"] == pytest.approx(-1.0)
+    assert res["band fits below 4 kHz"]["8000"]["n"] == 5 and set(res["band fits below 4 kHz"]) == {"8000", "16000"}
+    assert "band wider than 4 kHz" not in res  # two clips: too few for a rank correlation
+
+
 @pytest.fixture
 def tiny_corpus(tmp_path):
     rates = [8000, 16000, 32000]
