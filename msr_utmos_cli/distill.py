@@ -70,6 +70,10 @@ class DistillModel:
     # against the student's own reference-rate outputs for the same audio: the teacher's targets say what a
     # clip is worth, this term says it is worth the same at every rate (0: off).
     consistency_weight: float = 0.0
+    # Rates left out of that term: their batches take the teacher's targets alone. At 8 kHz the own 16 kHz
+    # output for the same narrowband audio disagrees with the full-band targets of a wideband clip, and the
+    # term holds the 8 kHz answer halfway between the two.
+    consistency_unpaired_rates: list[int] = field(default_factory=list)
     # At consistency_rates, an item whose band fits below the rate's Nyquist loses nothing there: it keeps the
     # teacher's full-band targets (plus consistency_weight x the gap to the own output), and only wider items
     # are taught by the student alone. Needs full_targets_when_band_fits.
@@ -261,7 +265,7 @@ def collate(items: list[tuple], sr: int) -> dict:
 
 def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size: int, rank: int, world: int,
                  seed: int, start: int, workers: int = 0, full_when_fits: bool = False,
-                 consistency: tuple[list[int], int, bool, bool] = ((), 0, False, False)):
+                 consistency: tuple = ((), 0, False, False, ())):
     """Endless batches; global batch g holds items g*B*world + [0, B*world), this rank takes its slice.
 
     Everything (rate, file order per epoch, crop) is a pure function of (seed, position), so the
@@ -302,10 +306,11 @@ def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size:
 
 
 def reference(sr: int, self_taught: list[int], ref_rate: int, paired: bool,
-              keeps_fitting: bool) -> tuple[int | None, bool]:
+              keeps_fitting: bool, unpaired: list[int] = ()) -> tuple[int | None, bool]:
     """present()'s (reference_rate, self_taught) for a batch at `sr`."""
     taught = sr in self_taught
-    return (ref_rate if taught or (paired and sr != ref_rate) else None), taught and not keeps_fitting
+    paired = paired and sr != ref_rate and sr not in unpaired
+    return (ref_rate if taught or paired else None), taught and not keeps_fitting
 
 
 # --- student --------------------------------------------------------------------------------
@@ -406,8 +411,12 @@ class DistillTask:
         self.m, self.data, self.trainer = m, data, trainer
         if m.consistency_keeps_fitting and not m.full_targets_when_band_fits:
             raise ConfigError("model.consistency_keeps_fitting needs model.full_targets_when_band_fits: true")
+        for r in m.consistency_unpaired_rates:
+            if r not in data.rates or r in m.consistency_rates:
+                raise ConfigError(f"model.consistency_unpaired_rates: {r} must be one of data.rates and not one "
+                                  f"of model.consistency_rates")
         self.consistency = (m.consistency_rates, m.consistency_reference_rate, m.consistency_weight > 0,
-                            m.consistency_keeps_fitting)
+                            m.consistency_keeps_fitting, m.consistency_unpaired_rates)
         labels = read_teacher_labels(m.teacher_labels) if m.teacher_labels else None
         feats, cached_layer = None, None
         if m.teacher_features:

@@ -543,6 +543,43 @@ def test_consistency_weight_adds_the_gap_to_the_students_own_16k_output(assets, 
         _train_mode_task(overrides(assets, tmp_path / "bad", 1, **base, **{"model.consistency_weight": -1}))
 
 
+def test_consistency_unpaired_rates_take_the_teachers_targets_alone(assets, tmp_path):
+    """model.consistency_unpaired_rates: with consistency_weight on, an 8 kHz batch listed there carries no
+    16 kHz reference audio and no gap term, only the teacher's label; a 24 kHz batch still adds the gap."""
+    from msr_utmos_cli.config import ConfigError
+
+    base = {**_cached_label_sets(assets, tmp_path), "data.rates": "[8000,24000]", "model.consistency_weight": 0.5,
+            "model.student_overrides": "{head_dropout: 0.5}"}
+    task = _train_mode_task(overrides(assets, tmp_path / "run", 1, **base,
+                                      **{"model.consistency_unpaired_rates": "[8000]"}))
+    seen = set()
+    for batch in task.batches(0, 1, 0, 0):
+        torch.manual_seed(0)
+        got = task.item_losses(batch)
+        torch.manual_seed(0)
+        _, _, mos = task.model(batch["wave"], batch["lengths"], batch["sr"], True)
+        assert torch.allclose(got["mos"], (mos - 4.5) ** 2, atol=1e-6)
+        if batch["sr"] == 8000:
+            assert batch["wave_ref"].numel() == 0 and torch.all(got["consistency"] == 0)
+            assert torch.allclose(got["loss"], got["mos"], atol=1e-6)
+        else:
+            assert batch["wave_ref"].numel() > 0 and torch.all(got["consistency"] > 0)
+        seen.add(batch["sr"])
+        if len(seen) == 2:
+            break
+    paired = _train_mode_task(overrides(assets, tmp_path / "paired", 1, **base))  # without the option: a gap at 8 kHz
+    for batch in paired.batches(0, 1, 0, 0):
+        if batch["sr"] == 8000:
+            assert batch["wave_ref"].numel() > 0 and torch.all(paired.item_losses(batch)["consistency"] > 0)
+            break
+    for bad in ("[12000]",):  # a rate never presented
+        with pytest.raises(ConfigError, match="consistency_unpaired_rates"):
+            _train_mode_task(overrides(assets, tmp_path / "bad", 1, **base, **{"model.consistency_unpaired_rates": bad}))
+    with pytest.raises(ConfigError, match="consistency_unpaired_rates"):
+        _train_mode_task(overrides(assets, tmp_path / "bad2", 1, **base, **{"model.consistency_rates": "[8000]",
+                                                                           "model.consistency_unpaired_rates": "[8000]"}))
+
+
 def test_consistency_keeps_fitting_items_on_the_teachers_targets(assets, tmp_path):
     """model.consistency_keeps_fitting: in an 8 kHz batch, an item whose band fits below 4 kHz (the 8 kHz
     file) keeps the teacher's label plus weight x the gap to its own 16 kHz output; wider items are taught
