@@ -12,12 +12,12 @@
    student can hear at that rate, and what the default model is distilled towards at 8 kHz. And the
    student at 16 kHz hearing the clip after 8 kHz: against the teacher, and against the student at
    8 kHz, which tells an 8 kHz gap of the SFI path from one of judging narrowband audio at any rate.
+   Where the gap lies: the same agreement on the clips whose recipe (degradation and severity) the train
+   split also has and on those whose recipe it never has, and, at 8 and 16 kHz, on clips whose real band
+   fits below 4 kHz and on wider ones, which lose content at 8 kHz.
 2. Rate independence: every rate_ladder.csv clip scored at each rate it is stored at (no resampling);
    spread = max - min over rates. Target: mean spread < 0.05 MOS. DistillMOS's own spread on the same
    ladder (each rung resampled to 16 kHz, as it is used) is reported beside it.
-   Where the gap lies: the same agreement on the clips whose recipe (degradation and severity) the train
-   split also has and on those whose recipe it never has, and, at 8 kHz, on clips whose real band fits
-   below 4 kHz and on wider ones, which lose content there.
 3. Severity order: pairs of clips of the same source utterance (utt_id) with different severity, within
    one degradation type (a clean clip is severity 0 of every type); the share the student (native rate)
    and the teacher rank the right way round (more severe -> lower; a tie counts half). The same over
@@ -135,17 +135,13 @@ def agreement(student: list[float], teacher: list[float]) -> dict:
 
 def breakdown(rows: list[dict], train_recipes: set, student: dict, teacher: list[float]) -> dict:
     """Agreement on subsets of the split (see the module docstring, 1.), {subset: {rate: agreement}}."""
-    recipe = [(r["degradation"], r["severity"]) for r in rows]
-    subsets = {"recipe seen in training": [k in train_recipes for k in recipe],
-               "recipe never trained on": [k not in train_recipes for k in recipe]}
-    out = {name: {str(r): agreement(*(np.asarray(v)[m].tolist() for v in (student[str(r)], teacher)))
-                  for r in RATES} for name, m in ((n, np.asarray(m)) for n, m in subsets.items()) if 2 < m.sum()}
+    seen = np.asarray([(r["degradation"], r["severity"]) in train_recipes for r in rows])
     fits = np.asarray([float(r["bandwidth_hz"]) <= 4000 for r in rows])
-    for name, m in (("band fits below 4 kHz", fits), ("band wider than 4 kHz", ~fits)):
-        if 2 < m.sum():
-            out[name] = {"8000": agreement(np.asarray(student["8000"])[m].tolist(), np.asarray(teacher)[m].tolist()),
-                         "16000": agreement(np.asarray(student["16000"])[m].tolist(), np.asarray(teacher)[m].tolist())}
-    return out
+    subsets = [("recipe seen in training", seen, RATES), ("recipe never trained on", ~seen, RATES),
+               ("band fits below 4 kHz", fits, (8000, 16000)), ("band wider than 4 kHz", ~fits, (8000, 16000))]
+    t = np.asarray(teacher)
+    return {name: {str(r): agreement(np.asarray(student[str(r)])[m].tolist(), t[m].tolist()) for r in rates}
+            for name, m, rates in subsets if m.sum() > 2}  # fewer than 3 clips: no rank correlation
 
 
 def within_tolerance(res: dict, ref: dict) -> list[tuple[str, float, float, bool]]:
