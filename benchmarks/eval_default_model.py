@@ -364,7 +364,9 @@ def main() -> None:
 
     t_start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     runtime = {}
-    rows = read_rows(args.corpus / "manifest.csv", args.split)
+    manifest = read_rows(args.corpus / "manifest.csv", None)
+    rows = [r for r in manifest if r["split"] == args.split]
+    train_recipes = {(r["degradation"], r["severity"]) for r in manifest if r["split"] == "train"}
     if args.max_clips:
         rows = rows[:args.max_clips]
     if not rows:
@@ -403,8 +405,7 @@ def main() -> None:
                                            "student_8000_vs_it": agreement(student["8000"], narrow16)},
            "targets": {"srcc_min": min(agree[str(r)]["srcc"] for r in RATES), "srcc_target": TARGET_SRCC,
                        "mean_spread": ladder["mean_spread"], "spread_target": TARGET_SPREAD},
-           "breakdown": breakdown(rows, {(r["degradation"], r["severity"]) for r in
-                                         read_rows(args.corpus / "manifest.csv", "train")}, student, teacher),
+           "breakdown": breakdown(rows, train_recipes, student, teacher),
            "rate_ladder": ladder, "rate_ladder_teacher": ladder_t, "severity": severity_order(rows, student["native"], teacher),
            "clips": [{"path": r["path"], "sample_rate": int(r["sample_rate"]), "degradation": r["degradation"],
                       "severity": int(r["severity"]), "teacher": teacher[i],

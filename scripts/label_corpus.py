@@ -46,13 +46,13 @@ def main(manifest: str, out: str) -> None:
     root = Path(manifest).resolve().parent
     for split in ("train", "valid", "test"):
         picked = [r for r in rows if r["split"] == split]
+        paths = [str(root / r["path"]) for r in picked]
         with open(out_dir / f"{split}.csv", "w", newline="") as f:
             w = csv.writer(f, lineterminator="\n")
             w.writerow(["path", "mos", "system", "domain", "bandwidth_hz"])
-            for r in picked:
-                w.writerow([str(root / r["path"]), f"{label(r):.3f}", f"{r['degradation']}-{r['severity']}", 0,
-                            r["bandwidth_hz"]])
-        (out_dir / f"{split}_paths.txt").write_text("".join(f"{root / r['path']}\n" for r in picked))
+            for path, r in zip(paths, picked):
+                w.writerow([path, f"{label(r):.3f}", f"{r['degradation']}-{r['severity']}", 0, r["bandwidth_hz"]])
+        (out_dir / f"{split}_paths.txt").write_text("".join(f"{p}\n" for p in paths))
 
 
 if __name__ == "__main__":
