@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,10 @@ class DistillModel:
     # Start from another distillation run's weights (its checkpoint folder, e.g. runs/x/last: student and
     # projections) or from a model (folder or name: the student only), with a fresh optimizer and schedule.
     init_from: str | None = None
+    # Train the MOS head alone on the frozen backbone (eval mode, no gradient): the distilled features stay
+    # as they are and the head learns the teacher's MOS from them at every rate. A backbone distilled
+    # mostly on frame features leaves a head fitted with a tenth of the loss; this refits it on its own.
+    train_only_head: bool = False
 
 
 @dataclass
@@ -357,9 +362,13 @@ def init_from_teacher(student: MOSModel, teacher: Wav2Vec2Teacher, fit_steps: in
 class Distiller(nn.Module):
     """The trained module: the student plus a linear projection per layer pair where widths differ."""
 
-    def __init__(self, student: MOSModel, pairs: list[list[int]], teacher_dims: list[int]):
+    def __init__(self, student: MOSModel, pairs: list[list[int]], teacher_dims: list[int],
+                 only_head: bool = False):
         super().__init__()
-        self.student, self.pairs = student, pairs
+        self.student, self.pairs, self.only_head = student, pairs, only_head
+        if only_head:
+            for name, p in student.named_parameters():
+                p.requires_grad_(name.startswith("head."))
         sdims = [student.cfg.conv_layers[-1][0] if student.cfg.conv_layers else student.cfg.sfi_channels] + \
             [student.cfg.embed_dim] * student.cfg.num_layers
         self.proj = nn.ModuleList(nn.Identity() if sdims[s] == teacher_dims[t] else nn.Linear(sdims[s], teacher_dims[t])
@@ -372,10 +381,21 @@ class Distiller(nn.Module):
         head_layer = s.cfg.head_layer % s.cfg.num_layers
         if want_mos:
             depth = max(depth, head_layer + 1)
-        x, n = s.conv_features(wave, lengths, sr)
-        layers = [x, *(s.encoder.extract_features(x, n, depth) if depth else [])]
+        with torch.no_grad() if self.only_head else nullcontext():
+            x, n = s.conv_features(wave, lengths, sr)
+            layers = [x, *(s.encoder.extract_features(x, n, depth) if depth else [])]
         mos = s.head(layers[head_layer + 1], n).sum(1) / n.clamp(min=1) if want_mos else None
         return [proj(layers[si]) for proj, (si, _) in zip(self.proj, self.pairs)], n, mos
+
+    def train(self, mode: bool = True) -> "Distiller":
+        """With only_head the frozen backbone stays in eval mode: the head learns from the features (no
+        dropout) that scoring gives it."""
+        super().train(mode)
+        if self.only_head:
+            for name, child in self.student.named_children():
+                if name != "head":
+                    child.eval()
+        return self
 
 
 def feature_loss(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -470,7 +490,10 @@ class DistillTask:
                 raise ConfigError(f"model.layers: pair [{s}, {t}] out of range (student 0-{student.cfg.num_layers}, "
                                   f"teacher 0-{len(tdims) - 1})")
         self.use_mos = (self.teacher is None or self.teacher.has_mos) and m.mos_weight > 0
-        self.model = Distiller(student, [list(p) for p in pairs], tdims)
+        if m.train_only_head and (pairs or not self.use_mos):
+            raise ConfigError("model.train_only_head: the frozen backbone learns no features and the head needs the "
+                              "teacher's MOS; set layers: [] and a mos_weight above 0")
+        self.model = Distiller(student, [list(p) for p in pairs], tdims, m.train_only_head)
         if m.init_from:
             self.init_info["init_from"] = self.load_init(m.init_from)
 

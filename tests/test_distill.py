@@ -646,3 +646,39 @@ def test_init_from_a_checkpoint_or_a_model_starts_from_its_weights(assets, tmp_p
         task_from(ckpt, **{"model.student_overrides": "{num_layers: 3}"})
     with pytest.raises(ConfigError, match="init_from.*no-such"):
         task_from(tmp_path / "no-such")
+
+
+def test_train_only_head_refits_the_head_and_leaves_the_backbone_as_it_was(assets, tmp_path):
+    """model.train_only_head, from the CLI: every backbone tensor of the result equals the init model's
+    (no gradient, and no dropout noise in what the head learns from), the head moves and its MOS loss
+    falls; feature pairs are refused, since a frozen backbone learns no features."""
+    from msr_utmos_cli import load_model
+    from msr_utmos_cli.config import ConfigError
+
+    def distill_cli(sets):
+        cfg = tmp_path / "base.yaml"
+        cfg.write_text("model: {}\n")
+        return CliRunner().invoke(app, ["distill", "--config", cfg, *sum((["--set", s] for s in sets), [])])
+
+    init = tmp_path / "init"
+    sets = _cached_label_sets(assets, tmp_path, full=4.6)
+    r = distill_cli(overrides(assets, init, 2, **sets))
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "head"
+    head_sets = {**sets, "model.init_from": init / "last", "model.train_only_head": "true",
+                 "model.student_overrides": "{dropout: 0.5}"}  # backbone dropout that eval mode must switch off
+    r = distill_cli(overrides(assets, run, 12, **head_sets))
+    assert r.exit_code == 0, r.output
+    before, after = load_model(init / "last", "cpu").state_dict(), load_model(run / "last", "cpu").state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("head.") for k in moved), sorted(moved)[:5]
+    losses = [json.loads(line)["mos"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if '"mos"' in line and '"step"' in line]
+    assert len(losses) >= 10 and np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
+    task = _train_mode_task(overrides(assets, tmp_path / "t", 1, **head_sets))
+    assert all(not m.training for n, m in task.model.student.named_children() if n != "head")
+    assert task.model.student.head.training
+    for bad in ({"model.teacher": assets / "teacher.pt", "model.teacher_labels": "null"},  # feature pairs
+                {"model.mos_weight": 0}):  # nothing for the head to learn
+        with pytest.raises(ConfigError, match="train_only_head"):
+            _train_mode_task(overrides(assets, tmp_path / "bad", 1, **{**head_sets, **bad}))
