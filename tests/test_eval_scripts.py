@@ -161,3 +161,67 @@ def test_label_corpus_path_lists_feed_utmos_score(tiny_model_dir, tmp_path):
     with open(out, newline="") as f:
         scored = list(csv.DictReader(f))
     assert [r["path"] for r in scored] == listed and all(r["error"] == "" and float(r["mos"]) > 0 for r in scored)
+
+
+def test_probe_ridge_recovers_a_linear_target():
+    import numpy as np
+
+    import probe_frozen_features as probe
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 6)) * [1, 10, 0.1, 1, 1, 1] + 5
+    y = x @ [0.5, -0.02, 3.0, 0.0, 0.0, 0.0] + 1.0
+    assert np.allclose(probe.ridge(x, y, 1e-6)(x), y, atol=1e-4)
+    flat = probe.ridge(x, y, 1e9)(x)  # all shrinkage: the mean remains
+    assert np.allclose(flat, y.mean(), atol=1e-3)
+
+
+def test_probe_frozen_features_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
+    """probe_frozen_features.py on a synthetic labelled corpus: pooled features are the frame mean and
+    std of the head layer, unlabelled clips are left out, and the model's own row matches its scores."""
+    import json
+
+    import numpy as np
+    import torch
+    from scipy.stats import spearmanr
+
+    import probe_frozen_features as probe
+
+    rows, labels = [], {"train": [], "test": []}
+    (tmp_path / "audio").mkdir()
+    for i in range(14):
+        split = "train" if i < 9 else "test"
+        sr = (8000, 16000, 24000)[i % 3]
+        noise = 0.02 * (i % 5)
+        x = speechlike(sr, 0.8, seed=i) + noise * np.random.default_rng(i).standard_normal(int(sr * 0.8))
+        p = f"audio/{i}.wav"
+        sf.write(tmp_path / p, x.astype("float32"), sr)
+        rows.append({"path": p, "sample_rate": sr, "split": split, "utt_id": str(i), "group_id": "g",
+                     "degradation": "noise_white", "severity": i % 5})
+        if i != 0:  # clip 0 has no label: left out
+            labels[split].append(f"{p},{4.5 - 10 * noise}\n")
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    for split, lines in labels.items():
+        (tmp_path / f"{split}.csv").write_text("path,teacher_mos\n" + "".join(lines))
+    out = tmp_path / "probe.json"
+    monkeypatch.setattr(sys, "argv", ["probe", "--model", str(tiny_model_dir), "--train-manifest",
+                                      str(tmp_path / "manifest.csv"), "--train-labels", str(tmp_path / "train.csv"),
+                                      "--test-manifest", str(tmp_path / "manifest.csv"), "--test-labels",
+                                      str(tmp_path / "test.csv"), "--seeds", "0", "--mlp-steps", "20", "--out", str(out)])
+    probe.main()
+    res = json.loads(out.read_text())
+    assert res["train_clips"] == 8 and res["test_clips"] == 5 and res["rates"] == [8000, 16000]
+    assert set(res["srcc"]) == {"the model's own head", "ridge on frame mean + std", "MLP on frame mean + std, seed 0"}
+    model = load_model(tiny_model_dir, "cpu")
+    test, t = probe.labelled(tmp_path / "manifest.csv", tmp_path / "test.csv", "test")
+    own = ev.student_at_rates(model, test, (8000,))["8000"]
+    assert res["srcc"]["the model's own head"]["8000"] == pytest.approx(spearmanr(own, t)[0])
+    feats = probe.pooled(model, test[:1], [16000])[16000][0]
+    wave, sr = ev.load(test[0])
+    with torch.no_grad():
+        f, n = model.extract_features(ev.resample(wave, sr, 16000)[None].float(), None, 16000)
+    frames = f[-1][0, :int(n[0])].double()
+    assert np.allclose(feats, torch.cat([frames.mean(0), frames.std(0, unbiased=False)]).numpy(), atol=1e-6)
