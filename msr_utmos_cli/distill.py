@@ -83,8 +83,8 @@ class DistillModel:
     # projections) or from a model (folder or name: the student only), with a fresh optimizer and schedule.
     init_from: str | None = None
     # Train the MOS head alone on the frozen backbone (eval mode, no gradient): the distilled features stay
-    # as they are and the head learns the teacher's MOS from them at every rate. A backbone distilled
-    # mostly on frame features leaves a head fitted with a tenth of the loss; this refits it on its own.
+    # as they are and the head learns the teacher's MOS from them at every rate (a joint run weighs the MOS
+    # a tenth of the frame losses). On the default model: docs/repro_runs/README.md, "The head refitted alone".
     train_only_head: bool = False
 
 
