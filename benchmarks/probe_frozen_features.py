@@ -18,7 +18,6 @@ limit. Whole clips are used (the corpus's clips are seconds long).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import sys
@@ -33,15 +32,17 @@ import eval_default_model as ev  # noqa: E402
 
 from msr_utmos_cli import load_model  # noqa: E402
 from msr_utmos_cli.audio import resample  # noqa: E402
+from msr_utmos_cli.checkpoint import ModelLoadError  # noqa: E402
+from msr_utmos_cli.config import ConfigError  # noqa: E402
+from msr_utmos_cli.distill import read_teacher_labels  # noqa: E402
 
 
 def labelled(manifest: Path, labels: Path, split: str) -> tuple[list[Path], np.ndarray]:
     """Paths of the split's clips that the labels CSV scores, and their teacher MOS."""
-    with open(labels, newline="") as f:
-        mos = {(labels.parent / r["path"]).resolve(): float(r["teacher_mos"]) for r in csv.DictReader(f)}
+    mos = read_teacher_labels(labels)  # keyed by resolved path, as `utmos distill` reads it
     paths = [manifest.parent / r["path"] for r in ev.read_rows(manifest, split)]
-    paths = [p for p in paths if p.resolve() in mos]
-    return paths, np.asarray([mos[p.resolve()] for p in paths])
+    paths = [p for p in paths if str(p.resolve()) in mos]
+    return paths, np.asarray([mos[str(p.resolve())] for p in paths])
 
 
 @torch.no_grad()
@@ -99,12 +100,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
-    model = load_model(args.model, "cpu")
-    train, y = labelled(args.train_manifest, args.train_labels, "train")
+    try:
+        model = load_model(args.model, "cpu")
+        train, y = labelled(args.train_manifest, args.train_labels, "train")
+        test, t = labelled(args.test_manifest, args.test_labels, "test")
+    except (ConfigError, ModelLoadError, OSError) as e:
+        sys.exit(f"error: {e}")
     if args.max_train:
         idx = sorted(random.Random(0).sample(range(len(train)), min(args.max_train, len(train))))
         train, y = [train[i] for i in idx], y[idx]
-    test, t = labelled(args.test_manifest, args.test_labels, "test")
     if len(train) < 3 or len(test) < 3:
         sys.exit(f"error: {len(train)} labelled training and {len(test)} labelled test clips; need 3 of each")
     xtr, xte = pooled(model, train, args.rates), pooled(model, test, args.rates)

@@ -213,6 +213,11 @@ def test_probe_frozen_features_end_to_end(tiny_model_dir, tmp_path, monkeypatch)
                                       str(tmp_path / "test.csv"), "--seeds", "0", "--mlp-steps", "20", "--out", str(out)])
     probe.main()
     res = json.loads(out.read_text())
+    argv = list(sys.argv)
+    argv[argv.index("--test-labels") + 1] = str(tmp_path / "missing.csv")
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="missing.csv"):  # one line naming the file, no traceback
+        probe.main()
     assert res["train_clips"] == 8 and res["test_clips"] == 5 and res["rates"] == [8000, 16000]
     assert set(res["srcc"]) == {"the model's own head", "ridge on frame mean + std", "MLP on frame mean + std, seed 0"}
     model = load_model(tiny_model_dir, "cpu")
