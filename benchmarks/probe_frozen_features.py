@@ -40,9 +40,9 @@ from msr_utmos_cli.distill import read_teacher_labels  # noqa: E402
 def labelled(manifest: Path, labels: Path, split: str) -> tuple[list[Path], np.ndarray]:
     """Paths of the split's clips that the labels CSV scores, and their teacher MOS."""
     mos = read_teacher_labels(labels)  # keyed by resolved path, as `utmos distill` reads it
-    paths = [manifest.parent / r["path"] for r in ev.read_rows(manifest, split)]
-    paths = [p for p in paths if str(p.resolve()) in mos]
-    return paths, np.asarray([mos[str(p.resolve())] for p in paths])
+    keyed = [(p, str(p.resolve())) for p in (manifest.parent / r["path"] for r in ev.read_rows(manifest, split))]
+    keyed = [(p, k) for p, k in keyed if k in mos]
+    return [p for p, _ in keyed], np.asarray([mos[k] for _, k in keyed])
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -381,9 +380,8 @@ class Distiller(nn.Module):
         head_layer = s.cfg.head_layer % s.cfg.num_layers
         if want_mos:
             depth = max(depth, head_layer + 1)
-        with torch.no_grad() if self.only_head else nullcontext():
-            x, n = s.conv_features(wave, lengths, sr)
-            layers = [x, *(s.encoder.extract_features(x, n, depth) if depth else [])]
+        x, n = s.conv_features(wave, lengths, sr)  # only_head: no parameter here requires grad, so no graph
+        layers = [x, *(s.encoder.extract_features(x, n, depth) if depth else [])]
         mos = s.head(layers[head_layer + 1], n).sum(1) / n.clamp(min=1) if want_mos else None
         return [proj(layers[si]) for proj, (si, _) in zip(self.proj, self.pairs)], n, mos
 
