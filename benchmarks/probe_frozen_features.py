@@ -5,7 +5,7 @@
     python benchmarks/probe_frozen_features.py --model models/<name> \
         --train-manifest corpus8/manifest.csv --train-labels corpus8/teacher_distillmos.csv \
         --test-manifest corpus/manifest.csv --test-labels corpus/teacher_distillmos_test.csv [--rates 8000 16000] \
-        [--max-train N] [--seeds 0 1] [--out probe.json]
+        [--max-train N] [--seeds 0 1] [--per-layer] [--out probe.json]
 
 Each clip, presented at every rate in --rates (band-limited resampling, as eval_default_model.py does),
 goes through the frozen backbone; the head's input (the head layer's frames) is pooled into its mean and
@@ -13,7 +13,9 @@ standard deviation over frames. A ridge regression and small MLPs are fitted on 
 those rates to the teacher's MOS (the labels CSVs of scripts/label_with_teacher.py), and the test split's
 SRCC with the teacher is printed per rate beside the model's own head. A probe well above the head says
 the backbone holds ranking that the head does not read; one at the head's level says the backbone is the
-limit. Whole clips are used (the corpus's clips are seconds long).
+limit. Whole clips are used (the corpus's clips are seconds long). --per-layer adds ridge readers of the CNN
+output and of each encoder layer (mean and std of its frames), alone and all together, each at the penalty
+that 5-fold cross-validation over the training clips picks: is the ranking in a layer the head does not read?
 """
 from __future__ import annotations
 
@@ -46,17 +48,33 @@ def labelled(manifest: Path, labels: Path, split: str) -> tuple[list[Path], np.n
 
 
 @torch.no_grad()
-def pooled(model, paths: list[Path], rates) -> dict[int, np.ndarray]:
-    """{rate: (N, 2D)}: mean and standard deviation over frames of the head layer's output."""
-    layer = model.cfg.head_layer % model.cfg.num_layers
+def pooled_layers(model, paths: list[Path], rates, depth: int | None = None) -> dict[int, list[np.ndarray]]:
+    """{rate: [(N, 2C) CNN output, (N, 2D) encoder layer 1, ... layer depth]}: each one's frame mean and std."""
     out = {r: [] for r in rates}
     for p in paths:
         wave, sr = ev.load(p)
         for r in rates:
-            feats, n = model.extract_features(resample(wave, sr, r)[None].float(), None, r, num_layers=layer + 1)
-            f = feats[layer][0, :int(n[0])].double()  # (F, D)
-            out[r].append(torch.cat([f.mean(0), f.std(0, unbiased=False)]).numpy())
-    return {r: np.stack(v) for r, v in out.items()}
+            x, n = model.conv_features(*_batch(resample(wave, sr, r)), r)  # (1, T) -> (1, F, C)
+            k = int(n[0])
+            reps = [x] + model.encoder.extract_features(x, n, depth)
+            out[r].append([_mean_std(f[0, :k]) for f in reps])
+    return {r: [np.stack(col) for col in zip(*v)] for r, v in out.items()}
+
+
+def pooled(model, paths: list[Path], rates) -> dict[int, np.ndarray]:
+    """{rate: (N, 2D)}: mean and standard deviation over frames of the head layer's output."""
+    layer = model.cfg.head_layer % model.cfg.num_layers
+    return {r: v[layer + 1] for r, v in pooled_layers(model, paths, rates, layer + 1).items()}
+
+
+def _batch(wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return wave[None].float(), torch.tensor([wave.shape[-1]])
+
+
+def _mean_std(frames: torch.Tensor) -> np.ndarray:
+    """(F, D) -> (2D,)"""
+    f = frames.double()
+    return torch.cat([f.mean(0), f.std(0, unbiased=False)]).numpy()
 
 
 def ridge(x: np.ndarray, y: np.ndarray, lam: float):
@@ -65,6 +83,16 @@ def ridge(x: np.ndarray, y: np.ndarray, lam: float):
     z = np.c_[(x - mu) / sd, np.ones(len(x))]
     w = np.linalg.solve(z.T @ z + lam * np.diag(np.r_[np.ones(x.shape[1]), 0.0]), z.T @ y)
     return lambda q: np.c_[(q - mu) / sd, np.ones(len(q))] @ w
+
+
+def ridge_cv(x: np.ndarray, y: np.ndarray, clips: np.ndarray, lams=(1.0, 10.0, 100.0, 1000.0), folds: int = 5):
+    """Ridge with the penalty of least error in k-fold cross-validation over clips (all rates of a clip
+    in one fold), so readers of wider features are not judged at a penalty chosen for narrower ones."""
+    fold = np.random.default_rng(0).permutation(clips.max() + 1)[clips] % folds
+    err = [sum(((ridge(x[fold != k], y[fold != k], lam)(x[fold == k]) - y[fold == k]) ** 2).sum()
+               for k in range(folds)) for lam in lams]
+    lam = lams[int(np.argmin(err))]
+    return ridge(x, y, lam), lam
 
 
 def mlp(x: np.ndarray, y: np.ndarray, seed: int, hidden: int = 256, steps: int = 9000):
@@ -97,6 +125,8 @@ def main() -> None:
     ap.add_argument("--max-train", type=int, default=0, help="a seeded random subset of the training clips (0: all)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one MLP per seed")
     ap.add_argument("--mlp-steps", type=int, default=9000)
+    ap.add_argument("--per-layer", action="store_true",
+                    help="also a ridge reader on the CNN output and on each encoder layer alone, and on all of them")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -111,7 +141,12 @@ def main() -> None:
         train, y = [train[i] for i in idx], y[idx]
     if len(train) < 3 or len(test) < 3:
         sys.exit(f"error: {len(train)} labelled training and {len(test)} labelled test clips; need 3 of each")
-    xtr, xte = pooled(model, train, args.rates), pooled(model, test, args.rates)
+    if args.per_layer:
+        ltr, lte = pooled_layers(model, train, args.rates), pooled_layers(model, test, args.rates)
+        head = model.cfg.head_layer % model.cfg.num_layers + 1
+        xtr, xte = ({r: v[head] for r, v in d.items()} for d in (ltr, lte))
+    else:
+        xtr, xte = pooled(model, train, args.rates), pooled(model, test, args.rates)
     x, yy = np.concatenate([xtr[r] for r in args.rates]), np.tile(y, len(args.rates))
     own = ev.student_at_rates(model, test, args.rates)
     readers = {"the model's own head": {r: np.asarray(own[str(r)]) for r in args.rates}}
@@ -120,6 +155,15 @@ def main() -> None:
     for s in args.seeds:
         f = mlp(x, yy, s, steps=args.mlp_steps)
         readers[f"MLP on frame mean + std, seed {s}"] = {r: f(xte[r]) for r in args.rates}
+    if args.per_layer:
+        clips = np.tile(np.arange(len(train)), len(args.rates))
+        names = ["CNN output"] + [f"encoder layer {j}" for j in range(1, len(ltr[args.rates[0]]))]
+        for j, name in [*enumerate(names), (None, "all of them")]:
+            cols = range(len(names)) if j is None else [j]
+            f, lam = ridge_cv(np.concatenate([np.concatenate([ltr[r][c] for c in cols], 1) for r in args.rates]),
+                              yy, clips)
+            readers[f"ridge on {name} (penalty {lam:g})"] = {
+                r: f(np.concatenate([lte[r][c] for c in cols], 1)) for r in args.rates}
     res = {"model": args.model, "train_clips": len(train), "test_clips": len(test), "rates": args.rates,
            "srcc": {k: {str(r): float(spearmanr(p, t)[0]) for r, p in v.items()} for k, v in readers.items()}}
     print(f"\n## SRCC with the teacher, test split ({len(test)} clips); readers fitted on {len(train)} training "

@@ -176,6 +176,22 @@ def test_probe_ridge_recovers_a_linear_target():
     assert np.allclose(flat, y.mean(), atol=1e-3)
 
 
+def test_probe_ridge_cv_picks_the_penalty_that_predicts_held_out_clips():
+    import numpy as np
+
+    import probe_frozen_features as probe
+
+    rng = np.random.default_rng(1)
+    clips = np.tile(np.arange(60), 2)  # two rates per clip, kept in one fold
+    signal = rng.standard_normal((120, 1))
+    clean = np.c_[signal, rng.standard_normal((120, 3))]
+    f, lam = probe.ridge_cv(clean, signal[:, 0] * 2 + 1, clips)
+    assert lam == 1.0 and np.allclose(f(clean), signal[:, 0] * 2 + 1, atol=0.05)
+    noisy = rng.standard_normal((120, 100))  # 100 features of pure noise: only heavy shrinkage generalises
+    _, lam = probe.ridge_cv(noisy, rng.standard_normal(120), clips)
+    assert lam == 1000.0
+
+
 def test_probe_frozen_features_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
     """probe_frozen_features.py on a synthetic labelled corpus: pooled features are the frame mean and
     std of the head layer, unlabelled clips are left out, and the model's own row matches its scores."""
@@ -213,6 +229,9 @@ def test_probe_frozen_features_end_to_end(tiny_model_dir, tmp_path, monkeypatch)
                                       str(tmp_path / "test.csv"), "--seeds", "0", "--mlp-steps", "20", "--out", str(out)])
     probe.main()
     res = json.loads(out.read_text())
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--per-layer"])
+    probe.main()
+    per_layer = json.loads(out.read_text())
     argv = list(sys.argv)
     argv[argv.index("--test-labels") + 1] = str(tmp_path / "missing.csv")
     monkeypatch.setattr(sys, "argv", argv)
@@ -220,6 +239,10 @@ def test_probe_frozen_features_end_to_end(tiny_model_dir, tmp_path, monkeypatch)
         probe.main()
     assert res["train_clips"] == 8 and res["test_clips"] == 5 and res["rates"] == [8000, 16000]
     assert set(res["srcc"]) == {"the model's own head", "ridge on frame mean + std", "MLP on frame mean + std, seed 0"}
+    layers = [k for k in per_layer["srcc"] if k.startswith("ridge on ") and "(penalty" in k]
+    assert [k.split(" (penalty")[0] for k in layers] == [
+        "ridge on CNN output", "ridge on encoder layer 1", "ridge on encoder layer 2", "ridge on all of them"]
+    assert {k: per_layer["srcc"][k] for k in res["srcc"]} == res["srcc"]  # the same fits, with more beside them
     model = load_model(tiny_model_dir, "cpu")
     test, t = probe.labelled(tmp_path / "manifest.csv", tmp_path / "test.csv", "test")
     own = ev.student_at_rates(model, test, (8000,))["8000"]
@@ -230,3 +253,11 @@ def test_probe_frozen_features_end_to_end(tiny_model_dir, tmp_path, monkeypatch)
         f, n = model.extract_features(ev.resample(wave, sr, 16000)[None].float(), None, 16000)
     frames = f[-1][0, :int(n[0])].double()
     assert np.allclose(feats, torch.cat([frames.mean(0), frames.std(0, unbiased=False)]).numpy(), atol=1e-6)
+    every = probe.pooled_layers(model, test[:1], [16000])[16000]
+    assert len(every) == 3 and np.array_equal(every[-1][0], feats)  # CNN output, layer 1, layer 2 (the head's)
+    with torch.no_grad():
+        w16 = ev.resample(wave, sr, 16000)[None].float()
+        x, n = model.conv_features(w16, torch.tensor([w16.shape[-1]]), 16000)
+    cnn = x[0, :int(n[0])].double()
+    assert every[0].shape == (1, 2 * x.shape[-1])
+    assert np.allclose(every[0][0], torch.cat([cnn.mean(0), cnn.std(0, unbiased=False)]).numpy(), atol=1e-6)
