@@ -12,6 +12,8 @@
    student can hear at that rate, and what the default model is distilled towards at 8 kHz. And the
    student at 16 kHz hearing the clip after 8 kHz: against the teacher, and against the student at
    8 kHz, which tells an 8 kHz gap of the SFI path from one of judging narrowband audio at any rate.
+   And the teacher and the student each at 8 kHz against themselves at 16 kHz: what narrowband audio costs
+   each one's own ranking (a student that loses what the teacher loses is as good at 8 kHz as at 16 kHz).
    Where the gap lies: the same agreement on the clips whose recipe (degradation and severity) the train
    split also has and on those whose recipe it never has, and, at 8 and 16 kHz, on clips whose real band
    fits below 4 kHz and on wider ones, which lose content at 8 kHz.
@@ -254,6 +256,11 @@ def print_tables(res: dict) -> None:
     a = nb["student_8000_vs_it"]
     print(f"\nstudent at 8 kHz vs itself at 16 kHz hearing the same 8 kHz audio: SRCC {a['srcc']:.3f}, "
           f"mean abs diff {a['mad']:.3f}, mean diff {a['bias']:+.3f} (the 8 kHz path's own share of the 8 kHz gap)")
+    for who, key in (("teacher", "teacher_8000_vs_itself"), ("student", "student_8000_vs_itself")):
+        if key in res:  # results written before these were added lack them
+            a = res[key]
+            print(f"the {who} hearing each clip at 8 kHz vs itself hearing it at 16 kHz: SRCC {a['srcc']:.3f}, "
+                  f"mean abs diff {a['mad']:.3f}, mean diff {a['bias']:+.3f} (what 8 kHz costs its own ranking)")
     ok = res["targets"]["srcc_min"] >= TARGET_SRCC
     print(f"\nlowest SRCC over presentation rates: {res['targets']['srcc_min']:.3f} "
           f"(target >= {TARGET_SRCC}: {'met' if ok else 'NOT met'})")
@@ -401,6 +408,8 @@ def main() -> None:
            "threads": torch.get_num_threads(), "load_avg_1min": [load_start, os.getloadavg()[0]],
            "machine": platform.platform(), "agreement": agree,
            "agreement_teacher_heard_at_8000": {"8000": agreement(student["8000"], teacher8)},
+           "teacher_8000_vs_itself": agreement(teacher8, teacher),
+           "student_8000_vs_itself": agreement(student["8000"], student["16000"]),
            "student_16000_heard_at_8000": {"vs_teacher": agreement(narrow16, teacher),
                                            "student_8000_vs_it": agreement(student["8000"], narrow16)},
            "targets": {"srcc_min": min(agree[str(r)]["srcc"] for r in RATES), "srcc_target": TARGET_SRCC,

@@ -85,7 +85,7 @@ def ridge(x: np.ndarray, y: np.ndarray, lam: float):
     return lambda q: np.c_[(q - mu) / sd, np.ones(len(q))] @ w
 
 
-def ridge_cv(x: np.ndarray, y: np.ndarray, clips: np.ndarray, lams=(1.0, 10.0, 100.0, 1000.0), folds: int = 5):
+def ridge_cv(x: np.ndarray, y: np.ndarray, clips: np.ndarray, lams=(1.0, 10.0, 100.0, 1e3, 1e4), folds: int = 5):
     """Ridge with the penalty of least error in k-fold cross-validation over clips (all rates of a clip
     in one fold), so readers of wider features are not judged at a penalty chosen for narrower ones."""
     fold = np.random.default_rng(0).permutation(clips.max() + 1)[clips] % folds

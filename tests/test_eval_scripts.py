@@ -41,6 +41,23 @@ def test_agreement_perfect_rank():
     assert a["srcc"] == pytest.approx(1.0) and a["mad"] == pytest.approx(2 / 3)
 
 
+def test_print_tables_adds_what_8k_costs_teacher_and_student_and_still_reads_older_results(capsys):
+    import json
+
+    res = json.loads((ROOT / "docs" / "eval_default_model.json").read_text())
+    for key in ("teacher_8000_vs_itself", "student_8000_vs_itself"):
+        res.pop(key, None)  # as results written before these rows existed
+    ev.print_tables(res)
+    out = capsys.readouterr().out
+    assert "lowest SRCC over presentation rates" in out and "hearing each clip at 8 kHz" not in out
+    res["teacher_8000_vs_itself"] = ev.agreement([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 4.0, 3.0])
+    res["student_8000_vs_itself"] = ev.agreement([1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0])
+    ev.print_tables(res)
+    lines = [x for x in capsys.readouterr().out.splitlines() if "hearing each clip at 8 kHz" in x]
+    assert lines[0].startswith("the teacher ") and "SRCC 0.800, mean abs diff 0.500, mean diff +0.000" in lines[0]
+    assert lines[1].startswith("the student ") and "SRCC 1.000, mean abs diff 1.000, mean diff -1.000" in lines[1]
+
+
 def test_breakdown_splits_seen_from_held_out_recipes_and_narrow_from_wide():
     """Subsets by recipe (in the train split or not) at every rate, by real band at 8 and 16 kHz: a student
     right on seen recipes and backwards on the held-out one shows it in the subsets, not in one average."""
@@ -189,7 +206,7 @@ def test_probe_ridge_cv_picks_the_penalty_that_predicts_held_out_clips():
     assert lam == 1.0 and np.allclose(f(clean), signal[:, 0] * 2 + 1, atol=0.05)
     noisy = rng.standard_normal((120, 100))  # 100 features of pure noise: only heavy shrinkage generalises
     _, lam = probe.ridge_cv(noisy, rng.standard_normal(120), clips)
-    assert lam == 1000.0
+    assert lam == 1e4
 
 
 def test_probe_frozen_features_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
