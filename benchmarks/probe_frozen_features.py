@@ -54,7 +54,8 @@ def pooled_layers(model, paths: list[Path], rates, depth: int | None = None) -> 
     for p in paths:
         wave, sr = ev.load(p)
         for r in rates:
-            x, n = model.conv_features(*_batch(resample(wave, sr, r)), r)  # (1, T) -> (1, F, C)
+            w = resample(wave, sr, r)[None].float()
+            x, n = model.conv_features(w, torch.tensor([w.shape[-1]]), r)  # (1, T) -> (1, F, C)
             k = int(n[0])
             reps = [x] + model.encoder.extract_features(x, n, depth)
             out[r].append([_mean_std(f[0, :k]) for f in reps])
@@ -65,10 +66,6 @@ def pooled(model, paths: list[Path], rates) -> dict[int, np.ndarray]:
     """{rate: (N, 2D)}: mean and standard deviation over frames of the head layer's output."""
     layer = model.cfg.head_layer % model.cfg.num_layers
     return {r: v[layer + 1] for r, v in pooled_layers(model, paths, rates, layer + 1).items()}
-
-
-def _batch(wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return wave[None].float(), torch.tensor([wave.shape[-1]])
 
 
 def _mean_std(frames: torch.Tensor) -> np.ndarray:
