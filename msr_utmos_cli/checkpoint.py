@@ -6,6 +6,8 @@ Nothing is unpickled when loading, so a checkpoint cannot run code.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -54,6 +56,54 @@ def default_model_name() -> str | None:
 def default_device() -> torch.device:
     """The one device rule: CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(name: str | torch.device | None) -> torch.device:
+    """`auto`/None -> the default rule; anything else must name a device this machine has.
+    Raises ValueError with one line (torch's own message lists ~20 device types)."""
+    if name is None or str(name) == "auto":
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(name)!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(name)!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(name)!r} requested but only {torch.cuda.device_count()} "
+                             "CUDA device(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(name)!r} requested but MPS is not available")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {str(name)!r} (use auto, cpu, cuda, cuda:N or mps)")
+    return dev
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a weights file: what identifies a model in score files and reports.
+    Cached per (file, size, mtime), so loading a model again costs no second read."""
+    st = os.stat(path)
+    return _sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int, ino: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def model_identity(folder: Path, doc: dict) -> dict:
+    """Name, version and weights hash of a model folder: the provenance written beside its scores."""
+    meta = doc.get("metadata") or {}
+    return {"model": str(meta.get("name") or folder.name), "model_version": meta.get("model_version"),
+            "model_sha256": weights_sha256(folder / WEIGHTS)}
+
+
+def default_model_identity() -> dict:
+    """Identity of the bundled default model without loading it (for `utmos --version`)."""
+    folder = resolve(None)
+    return model_identity(folder, read_config(folder))
 
 
 def atomic_write(path: Path, write) -> None:
@@ -153,6 +203,7 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> MOSModel:
     """Load a model in eval mode on `device` (default: CUDA when available)."""
+    dev = parse_device(device)
     folder = resolve(name_or_path)
     doc = read_config(folder)
     try:
@@ -171,4 +222,5 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | torc
                              f"({detail[:300]})") from None
     model.metadata = doc.get("metadata", {})
     model.source = str(folder)
-    return model.to(torch.device(device) if device is not None else default_device()).eval()
+    model.identity = model_identity(folder, doc)
+    return model.to(dev).eval()
