@@ -21,8 +21,38 @@ AUDIO_EXTENSIONS = frozenset(
                                                          ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"})
 
 
-class AudioError(Exception):
-    """A file that cannot be scored; the message is the one-line cause."""
+NAN_ERROR = "audio contains NaN or Inf samples"
+SILENT_ERROR = "all-silent audio (peak below -100 dBFS)"
+
+
+class AudioError(ValueError):
+    """Audio that cannot be scored (a file or an array); the message is the one-line cause,
+    the same for both, so a CSV row and a Python exception read alike."""
+
+
+def check_rate(sr) -> int:
+    """The supported rate range, one rule for files and arrays."""
+    try:
+        ok = not isinstance(sr, bool) and float(sr).is_integer()
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise AudioError(f"sampling rate {sr!r} is not a whole number of Hz")
+    if not MIN_RATE <= int(sr) <= MAX_RATE:
+        raise AudioError(f"sampling rate {int(sr)} Hz outside the supported {MIN_RATE}-{MAX_RATE} Hz")
+    return int(sr)
+
+
+def to_float32(x: np.ndarray) -> np.ndarray:
+    """Samples as float32 in [-1, 1]: integer PCM is scaled by its full range, as libsndfile
+    does when it reads an integer file, so an array and its file give the same samples."""
+    x = np.asarray(x)
+    if x.dtype.kind == "f":
+        return x.astype(np.float32, copy=False)
+    if x.dtype.kind in "iu":
+        half = float(2 ** (8 * x.dtype.itemsize - 1))
+        return ((x.astype(np.float64) - (half if x.dtype.kind == "u" else 0.0)) / half).astype(np.float32)
+    raise AudioError(f"samples must be integer or float numbers, not {x.dtype}")
 
 
 @dataclass(frozen=True)
@@ -71,8 +101,7 @@ def probe(path: str) -> AudioInfo:
         raise AudioError(f"cannot read audio ({_cause(e)})") from None
     if info.frames <= 0:
         raise AudioError("empty audio (0 samples)")
-    if not MIN_RATE <= info.samplerate <= MAX_RATE:
-        raise AudioError(f"sampling rate {info.samplerate} Hz outside the supported {MIN_RATE}-{MAX_RATE} Hz")
+    check_rate(info.samplerate)
     return AudioInfo(path, int(info.samplerate), int(info.frames), int(info.channels))
 
 
@@ -81,7 +110,7 @@ def to_mono(x: np.ndarray, channel: int | None = None) -> np.ndarray:
     if channel is None:
         return x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
     if not 0 <= channel < x.shape[1]:
-        raise AudioError(f"channel {channel} requested but the file has {x.shape[1]} channel(s)")
+        raise AudioError(f"channel {channel} requested but the audio has {x.shape[1]} channel(s)")
     return x[:, channel]
 
 

@@ -213,17 +213,28 @@ class MOSModel(nn.Module):
         frames, n = self.frame_scores(wave, lengths, sr, domain, listener)
         return frames.sum(1) / n.clamp(min=1)
 
-    def score(self, wave, sr: int, window_s: float = 20.0) -> torch.Tensor:
-        """MOS on the 1-5 scale for one waveform (T,) or a batch (B, T) of equal-length waveforms -> (B,).
+    def score(self, wave, sr: int, window_s: float = 20.0, channel: int | None = None,
+              channel_axis: int | None = None) -> torch.Tensor:
+        """MOS on the 1-5 scale -> (B,), under the same input rules as `utmos score`.
 
-        Long inputs are cut into equal windows of at most `window_s` seconds; the score is the mean
-        of all frame scores over the whole input, so it does not depend on where windows fall.
+        `wave`: (T,), a (B, T) batch, or one multichannel recording: (T, C) as soundfile.read
+        gives it is recognised, (C, T) needs channel_axis=0 (see scoring.as_waveforms). Integer
+        PCM is scaled to [-1, 1]. Bad input raises AudioError (a ValueError) whose message is the
+        CLI's row error. Long inputs are cut into equal windows of at most `window_s` seconds;
+        the score is the mean of all frame scores, so it does not depend on where windows fall.
         """
-        from .scoring import score_waveforms  # one scoring path for the API and the CLI
+        from .audio import check_rate
+        from .scoring import as_waveforms, min_samples, score_waveforms  # one scoring path for the API and the CLI
 
-        wave = torch.as_tensor(wave, dtype=torch.float32)
-        wave = wave[None] if wave.dim() == 1 else wave
-        return torch.tensor(score_waveforms(self, list(wave), sr, window_s=window_s))
+        need = min_samples(self, check_rate(sr))
+        waves = as_waveforms(wave, sr, need, channel, channel_axis)
+        return torch.tensor(score_waveforms(self, waves, sr, window_s=window_s))
+
+    def score_files(self, paths, window_s: float = 20.0, channel: int | None = None) -> list:
+        """One scoring.Row per audio file path (mos, or the CLI's one-line error), in order."""
+        from .scoring import score_files
+
+        return list(score_files(self, paths, window_s=window_s, channel=channel))
 
     def config_dict(self) -> dict:
         return self.cfg.to_dict()

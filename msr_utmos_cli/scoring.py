@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Iterable, Iterator
@@ -19,7 +20,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .audio import AUDIO_EXTENSIONS, SILENCE_PEAK, AudioError, probe, read_segment
+from .audio import (AUDIO_EXTENSIONS, NAN_ERROR, SILENCE_PEAK, SILENT_ERROR, AudioError, check_rate, probe,
+                    read_segment, to_float32, to_mono)
 from .model import MOSModel, clip_mos
 
 DEFAULT_WINDOW_S = 20.0
@@ -27,6 +29,7 @@ DEFAULT_WINDOW_S = 20.0
 
 @dataclass
 class Row:
+    """One scored input: a MOS, or the one-line reason it has none."""
     path: str
     sample_rate: int | None = None
     duration_s: float | None = None
@@ -35,11 +38,13 @@ class Row:
 
 
 # --- inputs ------------------------------------------------------------------
-def iter_inputs(inputs: Iterable[str], recursive: bool = True) -> Iterator[tuple[str, str]]:
+def iter_inputs(inputs: Iterable[str], recursive: bool = True,
+                skipped: Counter | None = None) -> Iterator[tuple[str, str]]:
     """Yield (path, error) in a deterministic order: each directory's entries sorted by name.
 
     `-` reads paths from stdin, `@list.txt` from a file, one per line. Directories are walked
     lazily (first rows come out before the walk ends) and symlink loops are visited once.
+    Files a walk passes over are counted by extension in `skipped`, so "nothing found" can say why.
     """
     seen: set[str] = set()
 
@@ -64,6 +69,8 @@ def iter_inputs(inputs: Iterable[str], recursive: bool = True) -> Iterator[tuple
                     yield from walk(e.path)
             elif os.path.splitext(e.name)[1].lower() in AUDIO_EXTENSIONS:
                 yield e.path, ""
+            elif skipped is not None:
+                skipped[os.path.splitext(e.name)[1].lower() or "(no extension)"] += 1
 
     def lines(src) -> Iterator[str]:
         for line in src:
@@ -92,7 +99,7 @@ def iter_inputs(inputs: Iterable[str], recursive: bool = True) -> Iterator[tuple
                 yield p, ""
 
 
-# --- the engine ------------------------------------------------------------
+# --- the rules every input meets, file or array ------------------------------
 def min_samples(model: MOSModel, sr: int) -> int:
     """Fewest samples that give one frame at the head (25 ms for wav2vec2 geometry)."""
     frames = 1
@@ -102,6 +109,15 @@ def min_samples(model: MOSModel, sr: int) -> int:
     return math.ceil(((frames - 1) * c.sfi_stride + c.sfi_kernel) * sr / c.sfi_base_rate)
 
 
+def length_error(frames: int, sr: int, need: int) -> str:
+    """'' when `frames` samples at `sr` are enough to score, else the row's error."""
+    if frames <= 0:
+        return "empty audio (0 samples)"
+    if frames < need:
+        return f"too short ({frames / sr * 1000:.1f} ms; needs at least {need} samples)"
+    return ""
+
+
 def windows(frames: int, sr: int, window_s: float) -> list[tuple[int, int]]:
     """Split [0, frames) into the fewest equal windows no longer than window_s."""
     n = max(1, math.ceil(frames / (window_s * sr)))
@@ -109,61 +125,140 @@ def windows(frames: int, sr: int, window_s: float) -> list[tuple[int, int]]:
     return [(edges[i], edges[i + 1]) for i in range(n)]
 
 
+def _samples(wave) -> np.ndarray:
+    """A tensor or array as float32 numpy samples (integer PCM scaled)."""
+    if torch.is_tensor(wave):
+        wave = wave.detach().cpu()
+        wave = (wave.float() if wave.is_floating_point() else wave).numpy()
+    return to_float32(wave)
+
+
+def as_waveforms(wave, sr: int, need: int, channel: int | None = None,
+                 channel_axis: int | None = None) -> list[np.ndarray]:
+    """An array as mono float32 waveforms, by one explicit layout rule.
+
+    (T,) is one waveform. 2-D input is a (B, T) batch, except when `channel_axis` says it is one
+    multichannel recording ((C, T) with 0, (T, C) with 1 or -1), or when its second axis is too
+    short to score and its first is not: that is (T, C), as soundfile.read returns, since no
+    (B, T) batch that short could be scored. Channels are averaged, or `channel` is picked.
+    """
+    x = _samples(wave)
+    if x.ndim == 1 and channel_axis is None:
+        return [to_mono(x[:, None], channel)]
+    if x.ndim != 2:
+        raise AudioError(f"expected audio of shape (T,), (B, T), (T, C) or (C, T), not {tuple(x.shape)}")
+    if channel_axis is None and x.shape[1] < need <= x.shape[0]:
+        channel_axis = 1
+    if channel_axis is None:
+        return [to_mono(w[:, None], channel) for w in x]
+    if channel_axis not in (0, 1, -1, -2):
+        raise AudioError(f"channel_axis must be 0 ((C, T)) or 1 ((T, C)), not {channel_axis}")
+    return [to_mono(x if channel_axis % 2 else x.T, channel)]
+
+
+# --- the engine ------------------------------------------------------------
 @dataclass
 class _Item:
     key: int
     sr: int
     load: Callable[[], np.ndarray]
+    share: float = 1.0  # this window's part of its input, for progress
 
 
-def _run_items(model: MOSModel, items: list[_Item],
-               on_error: Callable[[int, str], None]) -> dict[int, list[float]]:
+def _load(it: _Item, on_error: Callable[[int, str], None]) -> np.ndarray | None:
+    """An item's samples, or None after reporting why they cannot be scored."""
+    try:
+        x = it.load()
+    except AudioError as e:
+        on_error(it.key, str(e))
+        return None
+    if not np.isfinite(x).all():
+        on_error(it.key, NAN_ERROR)
+        return None
+    return x
+
+
+def _run_items(model: MOSModel, items: list[_Item], on_error: Callable[[int, str], None],
+               tick: Callable[[float], None] | None = None) -> dict[int, list[float]]:
     """Score items one window at a time. Returns key -> [frame-score sum, frames, peak]."""
     acc: dict[int, list[float]] = {}
+    failed: set[int] = set()
     with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
                                                             allow_tf32=False):
         for it in items:
-            try:
-                x = it.load()
-            except AudioError as e:
-                on_error(it.key, str(e))
-                continue
-            if not np.isfinite(x).all():
-                on_error(it.key, "audio contains NaN or Inf samples")
-                continue
-            a = acc.setdefault(it.key, [0.0, 0, 0.0])
-            a[2] = max(a[2], float(np.abs(x).max()) if x.size else 0.0)
-            wave = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(model.device)  # (1, T)
-            frames, n = model.frame_scores(wave, torch.tensor([x.shape[0]], device=model.device), it.sr)
-            a[0] += float(frames.double().sum())
-            a[1] += int(n[0])
+            x = None if it.key in failed else _load(it, on_error)
+            if x is None:  # the rest of a failed input's windows are skipped
+                failed.add(it.key)
+                acc.pop(it.key, None)
+            else:
+                a = acc.setdefault(it.key, [0.0, 0, 0.0])
+                a[2] = max(a[2], float(np.abs(x).max()) if x.size else 0.0)
+                wave = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(model.device)  # (1, T)
+                frames, n = model.frame_scores(wave, torch.tensor([x.shape[0]], device=model.device), it.sr)
+                a[0] += float(frames.double().sum())
+                a[1] += int(n[0])
+            if tick is not None:
+                tick(it.share)
     return acc
 
 
+def _finish(a: list[float]) -> tuple[float | None, str]:
+    """(mos, '') from an input's accumulated frame scores, or (None, error)."""
+    total, count, peak = a
+    if peak < SILENCE_PEAK:
+        return None, SILENT_ERROR
+    if not math.isfinite(total / count):  # finite samples so large (1e30) that the model overflows
+        return None, f"no finite score (peak sample {peak:.3g}, far outside [-1, 1])"
+    return float(clip_mos(torch.tensor(total / count))), ""
+
+
 def score_waveforms(model: MOSModel, waves: list, sr: int, window_s: float = DEFAULT_WINDOW_S) -> list[float]:
-    """MOS (1-5) for in-memory waveforms (each (T,)) at rate sr; raises ValueError on unusable input."""
+    """MOS (1-5) for in-memory mono waveforms (each (T,)) at rate sr.
+
+    Raises AudioError (a ValueError) with the row error `utmos score` would write, prefixed
+    with `input i: ` when there are several."""
+    sr = check_rate(sr)
     need = min_samples(model, sr)
+    where = (lambda k: f"input {k}: ") if len(waves) > 1 else (lambda k: "")
     items = []
     for key, w in enumerate(waves):
-        w = np.asarray(w.detach().cpu() if torch.is_tensor(w) else w, dtype=np.float32).reshape(-1)
-        if w.shape[0] < need:
-            raise ValueError(f"input {key} is too short: {w.shape[0]} samples, need at least {need} at {sr} Hz")
-        for a, b in windows(w.shape[0], sr, window_s):
-            items.append(_Item(key, sr, lambda w=w, a=a, b=b: w[a:b]))
+        x = np.atleast_1d(np.squeeze(_samples(w)))
+        if x.ndim != 1:
+            raise AudioError(f"{where(key)}expected a mono waveform (T,), not shape {tuple(x.shape)}")
+        if err := length_error(x.shape[0], sr, need):
+            raise AudioError(where(key) + err)
+        for a, b in windows(x.shape[0], sr, window_s):
+            items.append(_Item(key, sr, lambda x=x, a=a, b=b: x[a:b]))
 
     def fail(key: int, msg: str) -> None:
-        raise ValueError(f"input {key}: {msg}")
+        raise AudioError(where(key) + msg)
 
     acc = _run_items(model, items, fail)
-    return [float(clip_mos(torch.tensor(acc[k][0] / acc[k][1]))) for k in range(len(waves))]
+    out = []
+    for k in range(len(waves)):
+        mos, err = _finish(acc[k])
+        if err:
+            raise AudioError(where(k) + err)
+        out.append(mos)
+    return out
 
 
-def score_files(model: MOSModel, paths: Iterable[tuple[str, str]], window_s: float = DEFAULT_WINDOW_S,
-                channel: int | None = None, chunk_files: int = 64) -> Iterator[list[Row]]:
+def score_files(model: MOSModel, paths: Iterable[str], window_s: float = DEFAULT_WINDOW_S,
+                channel: int | None = None) -> Iterator[Row]:
+    """One Row per path, in order: a MOS, or the one-line error `utmos score` writes for it."""
+    pairs = ((p, "" if os.path.lexists(p) else "no such file") for p in map(os.fspath, paths))
+    for rows in score_chunks(model, pairs, window_s=window_s, channel=channel):
+        yield from rows
+
+
+def score_chunks(model: MOSModel, paths: Iterable[tuple[str, str]], window_s: float = DEFAULT_WINDOW_S,
+                 channel: int | None = None, chunk_files: int = 64,
+                 progress: Callable[[float], None] | None = None) -> Iterator[list[Row]]:
     """Score (path, error) pairs chunk by chunk; yields each chunk's rows in input order.
 
     Only one chunk's windows are planned at a time and samples are read window by window,
-    so memory stays bounded for any number of files and any file length.
+    so memory stays bounded for any number of files and any file length. `progress(files)`
+    is called after every window with the part of a file it covered.
     """
     it = iter(paths)
     while chunk := list(islice(it, chunk_files)):
@@ -172,35 +267,28 @@ def score_files(model: MOSModel, paths: Iterable[tuple[str, str]], window_s: flo
         for key, (path, err) in enumerate(chunk):
             row = Row(path, error=err)
             rows.append(row)
-            if err:
-                continue
-            try:
-                info = probe(path)
-            except AudioError as e:
-                row.error = str(e)
-                continue
-            row.sample_rate, row.duration_s = info.sample_rate, info.frames / info.sample_rate
-            need = min_samples(model, info.sample_rate)
-            if info.frames < need:
-                row.error = f"too short ({row.duration_s * 1000:.1f} ms; needs at least {need} samples)"
-                continue
-            if channel is not None and channel >= info.channels:
-                row.error = f"channel {channel} requested but the file has {info.channels} channel(s)"
+            if not err:
+                try:
+                    info = probe(path)
+                    row.sample_rate, row.duration_s = info.sample_rate, info.frames / info.sample_rate
+                    row.error = length_error(info.frames, info.sample_rate, min_samples(model, info.sample_rate))
+                    if not row.error and channel is not None:
+                        to_mono(np.zeros((0, info.channels), np.float32), channel)
+                except AudioError as e:
+                    row.error = str(e)
+            if row.error:
+                if progress is not None:
+                    progress(1.0)
                 continue
             for a, b in windows(info.frames, info.sample_rate, window_s):
-                items.append(_Item(key, info.sample_rate,
-                                   lambda info=info, a=a, b=b: read_segment(info, a, b, channel)))
+                items.append(_Item(key, info.sample_rate, lambda info=info, a=a, b=b: read_segment(info, a, b, channel),
+                                   (b - a) / info.frames))
 
         def fail(key: int, msg: str) -> None:
             rows[key].error = rows[key].error or msg
 
-        acc = _run_items(model, items, fail)
+        acc = _run_items(model, items, fail, progress)
         for key, row in enumerate(rows):
-            if row.error or key not in acc:
-                continue
-            total, count, peak = acc[key]
-            if peak < SILENCE_PEAK:
-                row.error = "all-silent audio (peak below -100 dBFS)"
-            else:
-                row.mos = float(clip_mos(torch.tensor(total / count)))
+            if not row.error and key in acc:
+                row.mos, row.error = _finish(acc[key])
         yield rows
