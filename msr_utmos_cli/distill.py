@@ -22,7 +22,7 @@ from .config import ConfigError, load_config
 from .model import PRESETS, ModelConfig, MOSModel
 from .sfi import fit_to_kernel
 from .teachers import SAMPLE_RATE, Teacher, Wav2Vec2Teacher, load_teacher
-from .train import STATE_FILE, TrainConfig, TrainingError, fit, load_trainer_state
+from .train import STATE_FILE, TrainConfig, TrainingError, check_out_dir, fit, load_trainer_state
 
 DEFAULT_RATES = [8000, 16000, 22050, 24000, 32000, 44100, 48000]
 
@@ -627,14 +627,15 @@ class DistillTask:
 
 
 def run(config: str | os.PathLike | None, overrides: list[str] | None = None, resume: bool = False,
-        teacher: Teacher | None = None) -> dict:
+        teacher: Teacher | None = None, overwrite: bool = False) -> dict:
     """`utmos distill`: read the config, build the task and train. Returns fit's summary."""
     built, resolved = load_config(config, overrides, SECTIONS)
     try:
         built["trainer"].validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_out_dir(built["trainer"].out_dir, resume, overwrite)  # before the teacher and the data load
     task = DistillTask(built["model"], built["data"], built["trainer"], teacher)
-    summary = fit(task, built["trainer"], resolved, resume=resume,
+    summary = fit(task, built["trainer"], resolved, resume=resume, overwrite=overwrite,
                   select_metric="valid_loss" if task.valid_clips else None, select_mode="min")
     return {**summary, **task.init_info}

@@ -23,7 +23,7 @@ from .config import ConfigError, build, load_config
 from .labels import LAYOUTS, LabelError, Utterance, read_labels
 from .metrics import mos_metrics
 from .model import PRESETS, MOSModel, clip_mos
-from .train import TrainConfig, fit
+from .train import TrainConfig, check_out_dir, fit
 
 PREDICTION_COLUMNS = ["path", "sample_rate", "duration_s", "mos", "error", "true_mos", "system"]
 AUTO_EMBED_DIM = 16  # embedding size chosen when the data needs an embedding the init model lacks
@@ -326,7 +326,8 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
 
 # --- entry point -----------------------------------------------------------------------------
 def run(config: str | os.PathLike | None, overrides: list[str] | None = None, init: str | None = None,
-        wav_root: str | None = None, skip_bad_rows: bool = False, resume: bool = False, log=print) -> dict:
+        wav_root: str | None = None, skip_bad_rows: bool = False, resume: bool = False, log=print,
+        overwrite: bool = False) -> dict:
     """`utmos finetune`: read the config and labels, build the task, train. Returns fit's summary."""
     built, resolved = load_config(config, overrides, SECTIONS)
     m, d, l, trainer = built["model"], built["data"], built["loss"], built["trainer"]
@@ -336,6 +337,7 @@ def run(config: str | os.PathLike | None, overrides: list[str] | None = None, in
         trainer.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_out_dir(trainer.out_dir, resume, overwrite)  # before the labels and the model load
     if not d.train:
         raise ConfigError("data.train: no training corpus (a list of {csv: ..., wav_root: ..., domain: ...})")
     if len(d.scale) != 2 or not d.scale[0] < d.scale[1]:
@@ -354,7 +356,8 @@ def run(config: str | os.PathLike | None, overrides: list[str] | None = None, in
         task = FinetuneTask(m, d, l, trainer, train, valid)
     except ModelLoadError as e:
         raise ConfigError(f"model.init: {e}") from None
-    summary = fit(task, trainer, resolved, resume=resume, select_metric=d.select_metric if valid else None,
+    summary = fit(task, trainer, resolved, resume=resume, overwrite=overwrite,
+                  select_metric=d.select_metric if valid else None,
                   select_mode=d.select_mode)
     best = Path(trainer.out_dir) / "best" / "predictions.csv"
     if best.is_file():

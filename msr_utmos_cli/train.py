@@ -31,10 +31,26 @@ import yaml
 STATE_FILE = "trainer_state.pt"
 RUN_CONFIG = "run_config.yaml"
 PRECISIONS = ("auto", "fp32", "bf16")
+RUN_FILES = ("metrics.jsonl", "last", "best", ".last.old", ".best.old", ".last.tmp", ".best.tmp", "predictions.csv")
 
 
 class TrainingError(Exception):
     """Training cannot go on; the message is one line saying why and what is kept."""
+
+
+class OutDirError(Exception):
+    """trainer.out_dir holds a run that this one would replace; nothing was touched."""
+
+
+def check_out_dir(out_dir: str | os.PathLike, resume: bool, overwrite: bool) -> list[Path]:
+    """The earlier run's files that a fresh run would replace; refused (rank 0) unless `overwrite`."""
+    if resume and overwrite:
+        raise OutDirError("--resume and --overwrite exclude each other")
+    found = [] if resume or _dist_env()[0] else [Path(out_dir) / n for n in RUN_FILES if (Path(out_dir) / n).exists()]
+    if found and not overwrite:
+        raise OutDirError(f"{out_dir} already holds a run ({', '.join(p.name for p in found)}); continue it "
+                          "with --resume, replace it with --overwrite, or set another trainer.out_dir")
+    return found
 
 
 @dataclass
@@ -204,16 +220,19 @@ def _better(value: float, best: float | None, mode: str) -> bool:
 
 
 def fit(task: Task, cfg: TrainConfig, run_config: dict, resume: bool = False,
-        select_metric: str | None = None, select_mode: str = "max") -> dict:
+        select_metric: str | None = None, select_mode: str = "max", overwrite: bool = False) -> dict:
     """Train `task` for `cfg.max_steps` optimizer steps; returns a summary dict.
 
     Under torchrun each rank draws its own batches (`task.batches(rank, world, ...)`) and the
     gradients are averaged over ranks before every step, so the global batch is the sum of the
     per-rank batches. `task.model` is never wrapped: call it any way you like in `task.loss`.
     Validation (`task.validate`, rank 0) picks `out_dir/best` by `select_metric` (default: the
-    first metric returned) in `select_mode` ("max" or "min").
+    first metric returned) in `select_mode` ("max" or "min"). An out_dir holding an earlier
+    run is refused unless `resume` or `overwrite` (which deletes that run's files first).
     """
     cfg.validate()
+    for old in check_out_dir(cfg.out_dir, resume, overwrite):
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     if select_mode not in ("max", "min"):
         raise ValueError(f"select_mode must be 'max' or 'min', got {select_mode!r}")
     rank, world, local_rank = _dist_env()
