@@ -14,7 +14,9 @@ from pathlib import Path, PurePath
 import numpy as np
 import pandas as pd
 
+from . import __version__
 from .metrics import bootstrap_mean_ci, mos_metrics, paired_bootstrap_diff_ci
+from .provenance import FIELDS, describe, read_meta, same_model
 
 SCORE_COLUMNS = ("path", "sample_rate", "duration_s", "mos", "error")
 N_ERROR_EXAMPLES = 5
@@ -82,11 +84,50 @@ def load_truth(path: Path) -> pd.DataFrame:
     return df.groupby("path", sort=False).agg(**agg).reset_index()
 
 
-def _concat_scores(paths, per_file: bool) -> pd.DataFrame:
+def models_of(path: Path, df: pd.DataFrame) -> list[dict]:
+    """The models that made one score file: JSON lines carry them in each row, a CSV in its sidecar."""
+    if all(c in df for c in FIELDS):
+        return df[FIELDS].astype(object).where(df[FIELDS].notna(), None).drop_duplicates().to_dict("records")
+    meta = read_meta(path)
+    return [meta] if meta else []
+
+
+def check_writable(path) -> None:
+    """Refuse an output path that cannot be written before any work starts; the file is left as it was."""
+    p = Path(path)
+    existed = p.exists()
+    try:
+        with open(p, "ab"):
+            pass
+    except OSError as e:
+        raise ReportError(f"{p}: cannot write ({e.strerror or e})") from None
+    if not existed:
+        p.unlink(missing_ok=True)
+
+
+def _mixed(files: list[dict], base: dict | None) -> list[str]:
+    """Warnings for scores from different models pooled, or compared, as if on one scale."""
+    seen: list[dict] = []
+    for f in files:
+        for m in f["models"]:
+            if not any(same_model(m, o) for o in seen):
+                seen.append(m)
+    out = []
+    if len(seen) > 1:
+        who = "; ".join(f"{f['file']}: {', '.join(describe(m) for m in f['models'])}" for f in files if f["models"])
+        out.append(f"score files from different models are mixed ({who}); their scores are not on one scale")
+    if base and base["models"] and seen and not all(same_model(b, m) for b in base["models"] for m in seen):
+        out.append(f"the baseline was scored by {', '.join(describe(m) for m in base['models'])}, these scores "
+                   f"by {', '.join(describe(m) for m in seen)}: differences include the change of model")
+    return out
+
+
+def _concat_scores(paths, per_file: bool) -> tuple[pd.DataFrame, list[dict]]:
     frames = [load_scores(p) for p in paths]
     if per_file and len({f["source"].iloc[0] if len(f) else p for f, p in zip(frames, paths)}) < len(paths):
         raise ReportError("--system-per-file: two score files share a file name stem")
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True), [{"file": str(p), "models": models_of(p, f)}
+                                                  for p, f in zip(paths, frames)]
 
 
 # --- systems and joining -----------------------------------------------------------
@@ -219,7 +260,7 @@ def build_report(scores, truth=None, *, system_regex: str | None = None,
         raise ReportError("--system-per-file and --system-regex are exclusive")
     if fail_drop is not None and baseline is None:
         raise ReportError("--fail-drop needs --baseline")
-    df = _concat_scores(scores, system_per_file)
+    df, made_by = _concat_scores(scores, system_per_file)
     truth_info, truth_df = None, load_truth(Path(truth)) if truth is not None else None
     if truth_df is not None:
         df, truth_info = join_truth(df, truth_df)
@@ -258,6 +299,8 @@ def build_report(scores, truth=None, *, system_regex: str | None = None,
                    "first": errs[["path", "error"]].head(N_ERROR_EXAMPLES).to_dict("records")},
         "truth": None,
         "baseline": None,
+        "provenance": {"report_msr_utmos_version": __version__, "scores": made_by, "baseline": None},
+        "warnings": [],
     }
     if truth_df is not None:
         j = ok[ok["true_mos"].notna()]
@@ -276,6 +319,8 @@ def build_report(scores, truth=None, *, system_regex: str | None = None,
         base["system"] = base["path"].map(df.drop_duplicates("path").set_index("path")["system"])
         base["system"] = base["system"].fillna(own)
         report["baseline"] = {"path": str(baseline), "systems": _baseline(df, base, n_boot, seed)}
+        report["provenance"]["baseline"] = {"file": str(baseline), "models": models_of(Path(baseline), base)}
+    report["warnings"] = _mixed(made_by, report["provenance"]["baseline"])
     failures = _gate(systems, report["baseline"] and report["baseline"]["systems"], fail_under, fail_drop)
     report["gate"] = {"fail_under": fail_under, "fail_drop": fail_drop,
                       "failures": failures, "passed": not failures}

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .metrics import METRICS
+from .provenance import describe
 from .report import N_ERROR_EXAMPLES, NO_MATCH
 
 def _f(x, digits: int = 3) -> str:
@@ -58,6 +59,10 @@ def _notes(report: dict) -> list[str]:
     c, notes = report["counts"], []
     notes.append(f"{c['rows']} rows from {len(report['inputs']['scores'])} score file(s): "
                  f"{c['scored']} scored, {c['errors']} with errors, {c['systems']} systems.")
+    prov = report.get("provenance") or {}
+    made = sorted({describe(m) for f in prov.get("scores", []) for m in f["models"]})
+    notes.append(f"Scored by {'; '.join(made) if made else 'an unrecorded model (no provenance in the score files)'}; "
+                 f"report by msr-utmos {prov.get('report_msr_utmos_version', '?')}.")
     if c["unassigned_system"]:
         notes.append(f"{c['unassigned_system']} files matched no --system-regex and are grouped as {NO_MATCH!r}.")
     if report["truth"] is not None:
@@ -207,6 +212,7 @@ def render_html(report: dict, path) -> None:
     verdict = _verdict(report)
     cls = "fail" if verdict.startswith("FAIL") else "pass" if verdict == "PASS" else ""
     parts.append(f"<p class='{cls}'>{e(verdict)}</p>")
+    parts += [f"<p class='fail'>Warning: {e(w)}</p>" for w in report.get("warnings", [])]
     parts += [f"<p>{e(n)}</p>" for n in _notes(report)]
     for title, head, rows in _tables(report):
         text_cols = {i for i, h in enumerate(head) if h in ("System", "Path", "Error", "Level")}
