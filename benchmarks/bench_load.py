@@ -60,7 +60,7 @@ def peak_rss_mb(pid: int) -> float:
 def run_score(inputs: list[str], model: Path, out: Path, time_limit: float | None) -> dict:
     """Run `utmos score`, polling its output and VmHWM; returns timings, rows and peak RSS."""
     cmd = [sys.executable, "-m", "msr_utmos_cli", "score", *inputs, "--model", str(model), "--out", str(out),
-           "-q", "--device", "cpu"]
+           "-q", "--device", "cpu", "--overwrite"]
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     first, peak, stopped = None, 0.0, False

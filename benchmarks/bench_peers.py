@@ -60,7 +60,7 @@ def runner(tool: str, model_dir: str, files: list[Path], w16_dir: Path):
 
         model = load_model(model_dir, "cpu")
         out = str(w16_dir / f"utmos_{os.getpid()}.csv")
-        return lambda: write_scores(model, [str(p) for p in files], out)
+        return lambda: write_scores(model, [str(p) for p in files], out, overwrite=True)
     waves = [sf.read(str(w16_dir / f"{i:04d}.wav"), dtype="float32")[0] for i in range(len(files))]
     if tool.startswith("distillmos"):
         import contextlib

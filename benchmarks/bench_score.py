@@ -99,7 +99,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     def run_pipeline(folder):
-        return lambda: write_scores(model, [str(tmp / folder)], str(tmp / "out.csv"))
+        return lambda: write_scores(model, [str(tmp / folder)], str(tmp / "out.csv"), overwrite=True)
 
     t_bare = timed(run_bare, args.repeats)
     t_pipe = timed(run_pipeline("w16"), args.repeats)
