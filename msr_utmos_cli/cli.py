@@ -1,80 +1,193 @@
 """The `utmos` command line: each command parses, calls the library and prints."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="MSR-UTMOS: naturalness MOS prediction at any sampling rate.")
+
+class _Flags:
+    """Help without Python type tags (`<bool>`, `<list[str]>`): a flag's name says all there is,
+    and every other parameter has a metavar that says what to give."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+            elif p.param_type_name == "argument" and p.metavar:
+                p.display_type_rich = lambda ctx: None  # arguments show their type even with a metavar
+        return params
+
+
+class _Command(_Flags, TyperCommand):
+    pass
+
+
+class _Group(_Flags, TyperGroup):
+    pass
+
+
+app = typer.Typer(cls=_Group, add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown",
+                  help="MSR-UTMOS: naturalness MOS prediction at any sampling rate.\n\n"
+                       "Exit codes: 0 ok, 1 a gate failed, 2 usage or input error, 130 interrupted.")
+
+
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from . import __version__
+
+    typer.echo(f"msr-utmos {__version__}")
+    from .checkpoint import ModelLoadError, default_model_identity
+
+    try:
+        ident = default_model_identity()
+        typer.echo(f"default model: {ident['model']} {ident['model_version'] or '(no version)'}, "
+                   f"weights sha256 {ident['model_sha256']}")
+    except (ModelLoadError, OSError) as e:
+        typer.echo(f"default model: none ({e})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_version,
+        help="Print the msr-utmos version and the default model's name, version and weights sha256.")] = False,
+) -> None:
+    pass
 
 
 # --- score -------------------------------------------------------------------
 def _err(console, msg: str, code: int = 2):
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
-def _device(name: str):
-    from .checkpoint import default_device
+def _missing(paths: list[str]) -> list[str]:
+    """Command-line paths (and @list files) that do not exist; the paths inside a list get rows."""
+    import os
 
-    if name == "auto":
-        return default_device()
-    if name.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda requested but CUDA is not available")
-    return name
+    return [p for p in paths if p != "-" and not os.path.lexists(p)
+            and not (p.startswith("@") and os.path.lexists(p[1:]))]
 
 
-@app.command()
+def _progress(console):
+    """A bar over files with a known total (when the inputs can be counted), elapsed time and ETA;
+    redrawn four times a second, and advanced by every scored window, not every chunk."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    bar = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                   refresh_per_second=4)
+    task = bar.add_task("score", total=None)
+    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """A CI job cancelled with SIGTERM ends as Ctrl-C does: rows kept, exit 130."""
+    import signal
+    import threading
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _print_summary(console, summary: dict, out: str) -> None:
+    from .provenance import describe
+
+    where = f" in {out} ({summary['earlier']} earlier, {summary['new']} new)" if summary["earlier"] else ""
+    console.print(f"{summary['files']} files{where}: {summary['scored']} scored, {summary['errors']} errors; "
+                  f"mean MOS {summary['mean_mos']:.3f}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"model: {describe(summary['provenance'])}", highlight=False, markup=False)
+    for line in summary["first_errors"]:
+        console.print(f"  {line}", style="yellow", highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command(cls=_Command)
 def score(
-    paths: Annotated[list[str], typer.Argument(help="Audio files, directories (walked recursively, sorted), "
-                                                    "'-' for paths on stdin, or @list.txt.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Output file; '-' writes the data to stdout.")] = "-",
-    fmt: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
-    model: Annotated[Optional[str], typer.Option(help="Model folder, released model name or hf:owner/repo. "
-                                                      "Default: the bundled default model.",
-                                                 envvar="UTMOS_MODEL")] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")] = "auto",
-    window: Annotated[float, typer.Option(min=1.0, help="Longest window in seconds; longer files are cut "
-                                                        "into equal windows and all frame scores averaged.")] = 20.0,
-    channel: Annotated[Optional[int], typer.Option(min=0, help="Score this channel (0-based) instead of the "
-                                                               "mean of all channels.")] = None,
+    paths: Annotated[list[str], typer.Argument(
+        metavar="PATH", help="Audio files, directories (walked recursively, sorted), '-' for paths on stdin, "
+                                "or @list.txt (one path a line).")],
+    out: Annotated[str, typer.Option("--out", "-o", metavar="FILE", help=(
+        "Output file; '-' writes the data to stdout. An existing file with rows is refused "
+        "unless --resume or --overwrite."))] = "-",
+    fmt: Annotated[str, typer.Option("--format", metavar="csv|jsonl", help=(
+        "csv (provenance in FILE.meta.json) or jsonl (provenance in every row)."))] = "csv",
+    model: Annotated[Optional[str], typer.Option(metavar="MODEL", help=(
+        "Model folder, released model name or hf:owner/repo. Default: the bundled default model."),
+        envvar="UTMOS_MODEL")] = None,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto (CUDA when available), cpu, cuda, cuda:N "
+                                                               "or mps.")] = "auto",
+    window: Annotated[float, typer.Option(min=1.0, metavar="SECONDS", help=(
+        "Longest window; longer files are cut into equal windows and all frame scores averaged."))] = 20.0,
+    channel: Annotated[Optional[int], typer.Option(min=0, metavar="N", help=(
+        "Score this channel (0-based) instead of the mean of all channels."))] = None,
     recursive: Annotated[bool, typer.Option(help="Walk directories recursively.")] = True,
-    resume: Annotated[bool, typer.Option(help="Keep the rows already in --out and score only the rest.")] = False,
-    strict: Annotated[bool, typer.Option(help="Exit 1 if any file could not be scored.")] = False,
-    fail_under: Annotated[Optional[float], typer.Option(help="Exit 1 if the mean MOS is below this.")] = None,
+    resume: Annotated[bool, typer.Option(help=(
+        "Keep the rows already in --out and score only the rest; the summary and gates then judge every "
+        "row of the file. Refused if the file's format, columns or model differ."))] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    strict: Annotated[bool, typer.Option(help="Exit 1 if any row of the output is an error.")] = False,
+    fail_under: Annotated[Optional[float], typer.Option(metavar="MOS", help=(
+        "Exit 1 if the mean MOS of the output is below this."))] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     chunk_files: Annotated[int, typer.Option(min=1, hidden=True, help="Files scored per flushed chunk: at "
                                                                        "most this many are redone after a kill.")] = 64,
 ) -> None:
-    """Predict the MOS of audio files at their native sampling rates."""
+    """Predict the MOS of audio files at their native sampling rates.
+
+    Exit 1 when no file could be scored or a gate (--strict, --fail-under) fails; 2 on a usage or
+    input error (a missing path, no audio found, an output that would be replaced); 130 when
+    interrupted (finished rows are kept: continue with --resume).
+
+    Example: score a TTS output folder, fail the job if any file fails or the mean is below 3.5:
+
+    ```
+    utmos score tts_out/ -o scores.csv --strict --fail-under 3.5
+    ```
+    """
     import sys
 
     from rich.console import Console
 
     from .checkpoint import ModelLoadError, load_model
-    from .output import OutputError, ReaderGone, write_scores
+    from .output import OutputError, ReaderGone, check_out, gate_failures, nothing_found, write_scores
 
     console = Console(stderr=True)
-    if fmt not in ("csv", "jsonl"):
-        raise _err(console, f"--format must be csv or jsonl, not {fmt!r}")
+    if missing := _missing(paths):
+        raise _err(console, f"{missing[0]}: no such file or directory"
+                            + (f" (and {len(missing) - 1} more missing path(s))" if len(missing) > 1 else ""))
     try:
-        net = load_model(model, _device(device))
-    except (ModelLoadError, ValueError, RuntimeError) as e:
+        check_out(out, fmt, resume, overwrite)
+        net = load_model(model, device)
+    except (OutputError, ModelLoadError, ValueError, RuntimeError) as e:
         raise _err(console, str(e)) from None
-    bar = None
+    bar = update = None
     if not quiet and sys.stderr.isatty():
-        from tqdm import tqdm
+        bar, update = _progress(console)
+        bar.start()
 
-        bar = tqdm(unit="file", file=sys.stderr, dynamic_ncols=True)
     try:
-        summary = write_scores(net, paths, out, fmt, resume=resume, recursive=recursive,
-                               progress=None if bar is None else lambda rows: bar.update(len(rows)),
-                               window_s=window, channel=channel, chunk_files=chunk_files)
+        with _sigterm_as_interrupt():
+            summary = write_scores(net, paths, out, fmt, resume=resume, overwrite=overwrite, recursive=recursive,
+                                   progress=update, window_s=window, channel=channel, chunk_files=chunk_files)
     except ReaderGone:  # `| head`: no message, the SIGPIPE status; stdout is dropped so exit does not flush into it
         import os
 
@@ -86,32 +199,29 @@ def score(
         raise _err(console, f"interrupted; finished rows are in {out} (continue with --resume)", 130) from None
     finally:
         if bar is not None:
-            bar.close()
+            bar.stop()
+    if not summary["files"]:
+        raise _err(console, nothing_found(paths, summary["not_audio"]))
     if not quiet:
-        skipped = f", {summary['skipped']} already in {out}" if summary["skipped"] else ""
-        console.print(f"{summary['files']} files: {summary['scored']} scored, {summary['errors']} errors"
-                      f"{skipped}; mean MOS {summary['mean_mos']:.3f}", highlight=False)
-        for line in summary["first_errors"]:
-            console.print(f"  [yellow]{line}[/]", highlight=False, soft_wrap=True)
-    if strict and summary["errors"]:
-        raise _err(console, f"--strict: {summary['errors']} file(s) could not be scored", 1)
-    if fail_under is not None and not summary["mean_mos"] >= fail_under:
-        raise _err(console, f"mean MOS {summary['mean_mos']:.3f} is below --fail-under {fail_under}", 1)
+        _print_summary(console, summary, out)
+    if failures := gate_failures(summary, strict, fail_under):
+        raise _err(console, "; ".join(failures), 1)
 
 
 # --- distill and finetune ----------------------------------------------------
 def _train(run, user_errors: tuple, verb: str) -> None:
     """Run a training command and print its outcome; the same exit codes for distill and finetune:
-    2 bad config/data/model, 1 training failure (NaN), 130 interrupted (checkpoint kept)."""
+    2 bad config/data/model or an out_dir holding a run, 1 training failure (NaN), 130 interrupted
+    (checkpoint kept)."""
     import os
 
     from .config import ConfigError
-    from .train import TrainingError
+    from .train import OutDirError, TrainingError
 
     main = os.environ.get("RANK", "0") == "0"
     try:
         summary = run(lambda line: typer.echo(line, err=True) if main else None)
-    except (ConfigError, *user_errors) as e:
+    except (ConfigError, OutDirError, *user_errors) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     except TrainingError as e:
@@ -131,39 +241,59 @@ def _train(run, user_errors: tuple, verb: str) -> None:
     typer.echo(f"{verb} {summary['step']} steps{stopped}; model in {out / 'last'}{best}{preds}", err=True)
 
 
-@app.command()
-def distill(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (model:, data:, trainer:).")],
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a config key, e.g. --set trainer.lr=3e-4 (repeatable).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from trainer.out_dir/last exactly where it stopped.")] = False,
-) -> None:
-    """Train an SFI student from a 16 kHz teacher (launch under torchrun for several processes)."""
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", metavar="YAML", help="Run config (model:, data:, ...).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set trainer.lr=3e-4 (repeatable).")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in trainer.out_dir exactly where it stopped.")]
+OverwriteOpt = Annotated[bool, typer.Option(
+    help="Delete the run already in trainer.out_dir (checkpoints, metrics.jsonl) and start afresh; without it "
+         "(or --resume) such a folder is refused.")]
+
+
+@app.command(cls=_Command)
+def distill(config: ConfigOpt, set_: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False) -> None:
+    """Train an SFI student from a 16 kHz teacher (launch under torchrun for several processes).
+
+    Example: distill the wav2vec2-base teacher, then continue after an interruption:
+
+    ```
+    utmos distill -c configs/distill_wav2vec2_base.yaml
+    utmos distill -c configs/distill_wav2vec2_base.yaml --resume
+    ```
+    """
     from .teachers import TeacherError
 
     def run(log):
         from .distill import run
 
-        return run(config, set_ or [], resume=resume)
+        return run(config, set_ or [], resume=resume, overwrite=overwrite)
 
     _train(run, (TeacherError,), "distilled")
 
 
-@app.command()
+@app.command(cls=_Command)
 def finetune(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML (model:, data:, loss:, trainer:).")],
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a config key, e.g. --set trainer.lr=3e-5 (repeatable).")] = None,
-    init: Annotated[Optional[str], typer.Option(
-        help="Start from this model folder (a distill or finetune checkpoint) or preset (tiny/small/base); "
-             "overrides model.init.")] = None,
-    wav_root: Annotated[Optional[str], typer.Option(
-        help="Relative audio paths of lists without their own wav_root resolve here (default: the list's folder).")] = None,
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    init: Annotated[Optional[str], typer.Option(metavar="MODEL", help=(
+        "Start from this model folder (a distill or finetune checkpoint) or preset (tiny/small/base); "
+        "overrides model.init."))] = None,
+    wav_root: Annotated[Optional[str], typer.Option(metavar="DIR", help=(
+        "Relative audio paths of lists without their own wav_root resolve here (default: the list's "
+        "folder)."))] = None,
     skip_bad_rows: Annotated[bool, typer.Option(
         "--skip-bad-rows", help="Drop bad label rows (each still listed) instead of stopping before training.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue from trainer.out_dir/last exactly where it stopped.")] = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """Fine-tune (or pretrain) the MOS head and SSL model on labelled lists; best model in OUT_DIR/best."""
+    """Fine-tune (or pretrain) the MOS head and SSL model on labelled lists; best model in OUT_DIR/best.
+
+    Example: fine-tune the bundled model on your labels:
+
+    ```
+    utmos finetune -c configs/finetune_example.yaml --init models/msr-utmos-small-distillmos
+    ```
+    """
     from .checkpoint import ModelLoadError
     from .labels import LabelError
 
@@ -171,43 +301,58 @@ def finetune(
         from .finetune import run
 
         return run(config, set_ or [], init=init, wav_root=wav_root, skip_bad_rows=skip_bad_rows, resume=resume,
-                   log=log)
+                   log=log, overwrite=overwrite)
 
     _train(run, (LabelError, ModelLoadError), "fine-tuned")
 
 
 # --- report ------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 def report(
-    scores: Annotated[list[Path], typer.Argument(help="Score files from `utmos score` (.csv or .jsonl).")],
-    truth: Annotated[Optional[Path], typer.Option(
-        help="Listening-test labels: CSV path,mos[,system,listener,domain]; repeated paths are averaged.")] = None,
-    system_regex: Annotated[Optional[str], typer.Option(
-        help="Regex searched in each file name; the system is group 1 (or the whole match). "
-             "Default: the parent folder name.")] = None,
+    scores: Annotated[list[Path], typer.Argument(metavar="SCORES", help=(
+        "Score files from `utmos score` (.csv or .jsonl)."))],
+    truth: Annotated[Optional[Path], typer.Option(metavar="CSV", help=(
+        "Listening-test labels: CSV path,mos[,system,listener,domain]; repeated paths are averaged."))] = None,
+    system_regex: Annotated[Optional[str], typer.Option(metavar="REGEX", help=(
+        "Regex searched in each file name; the system is group 1 (or the whole match). "
+        "Default: the parent folder name."))] = None,
     system_per_file: Annotated[bool, typer.Option(
         "--system-per-file", help="One score file per system; the system is the score file's stem.")] = False,
-    html: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML report here.")] = None,
+    html: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write a self-contained HTML report here.")] = None,
     json_out: Annotated[Optional[str], typer.Option(
-        "--json", help="Write the report as JSON to this path, or '-' for stdout.")] = None,
-    baseline: Annotated[Optional[Path], typer.Option(
-        help="Score file of an earlier run to compare each system against.")] = None,
-    fail_under: Annotated[Optional[float], typer.Option(
-        help="Exit 1 if any system's mean MOS is below this.")] = None,
-    fail_drop: Annotated[Optional[float], typer.Option(
-        help="Exit 1 if any system's mean drops by more than this versus --baseline.")] = None,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Seed for the bootstrap.")] = 0,
+        "--json", metavar="FILE", help="Write the report as JSON to this path, or '-' for stdout.")] = None,
+    baseline: Annotated[Optional[Path], typer.Option(metavar="SCORES", help=(
+        "Score file of an earlier run to compare each system against."))] = None,
+    fail_under: Annotated[Optional[float], typer.Option(metavar="MOS", help=(
+        "Exit 1 if any system's mean MOS is below this."))] = None,
+    fail_drop: Annotated[Optional[float], typer.Option(metavar="MOS", help=(
+        "Exit 1 if any system's mean drops by more than this versus --baseline."))] = None,
+    n_boot: Annotated[int, typer.Option(metavar="N", help="Bootstrap resamples for the 95% intervals.")] = 2000,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed for the bootstrap.")] = 0,
 ) -> None:
-    """Summarise score files per system and against listening-test truth."""
+    """Summarise score files per system and against listening-test truth.
+
+    Warns when the score files (or the baseline) were made by different models.
+
+    Example: fail CI if any system lost more than 0.1 MOS against last release's scores:
+
+    ```
+    utmos report scores.csv --baseline baseline.csv --fail-drop 0.1 --html report.html
+    ```
+    """
     from rich.console import Console
 
-    from .report import ReportError, build_report, print_report, render_html, report_json
+    from .report import ReportError, build_report, check_writable, print_report, render_html, report_json
 
     try:
+        for path in (html, None if json_out == "-" else json_out):
+            if path is not None:
+                check_writable(path)
         rep = build_report(scores, truth, system_regex=system_regex, system_per_file=system_per_file,
                            baseline=baseline, fail_under=fail_under, fail_drop=fail_drop,
                            n_boot=n_boot, seed=seed)
+        for w in rep["warnings"]:
+            typer.echo(f"warning: {w}", err=True)
         # With --json -, stdout is for the JSON alone; the tables go to stderr.
         print_report(rep, Console(stderr=json_out == "-"))
         if html is not None:

@@ -250,6 +250,10 @@ trainer:
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == len(RATES)
+    # the same command again would replace the run: refused, before the teacher loads
+    metrics = (out / "metrics.jsonl").read_bytes()
+    r = CliRunner().invoke(app, ["distill", "--config", cfg])
+    assert r.exit_code == 2 and "already holds a run" in r.output and (out / "metrics.jsonl").read_bytes() == metrics
 
 
 def test_cached_teacher_labels_distil_the_mos_without_running_the_teacher(assets, tmp_path):

@@ -196,7 +196,8 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(files, refere
                 kills += 1
         p.wait(timeout=120)
         data = out.read_bytes()
-        assert data == b"" or rows_of(data[: output.complete_prefix(data, "csv")])  # whole rows so far
+        header = (output.CSV_HEADER + "\n").encode()
+        assert data in (b"", header) or rows_of(data[: output.complete_prefix(data, "csv")])  # whole rows so far
     assert kills >= 2, "the runs finished before they could be killed; use more files"
     p = subprocess.run(cmd + ["--resume"], capture_output=True, timeout=120, env=ONE_THREAD)
     assert p.returncode == 0, p.stderr
@@ -298,7 +299,7 @@ def test_unwritable_output_is_a_clear_error(files, tiny_model_dir, tmp_path):
 # --- two writers -------------------------------------------------------------------
 def test_second_writer_is_refused_never_interleaved(files, reference, tiny_model_dir, tmp_path):
     """The first run reads its paths from a pipe we hold open, so it is certainly mid-run (lock held,
-    rows written) while two more runs, fresh and --resume, try the same output."""
+    rows written) while two more runs, --overwrite and --resume, try the same output."""
     out = tmp_path / "shared.csv"
     paths = [str(p) for p in sorted(files.iterdir())]
     base = UTMOS + ["--model", str(tiny_model_dir), "--out", str(out), "--chunk-files", "2"]
@@ -307,7 +308,8 @@ def test_second_writer_is_refused_never_interleaved(files, reference, tiny_model
     first.stdin.write("".join(p + "\n" for p in paths[:10]))
     first.stdin.flush()
     assert _grows(out, 0, first), "first run ended before writing"
-    second = subprocess.run(base + [str(files)], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    second = subprocess.run(base + [str(files), "--overwrite"], capture_output=True, text=True, timeout=120,
+                            env=ONE_THREAD)
     third = subprocess.run(base + [str(files), "--resume"], capture_output=True, text=True, timeout=120,
                            env=ONE_THREAD)
     first.stdin.write("".join(p + "\n" for p in paths[10:]))

@@ -159,6 +159,18 @@ def test_bad_rows_stop_before_training_unless_skipped(data, tmp_path):
     assert (tmp_path / "out" / "last" / "model.safetensors").is_file()
 
 
+def test_rerunning_into_the_same_out_dir_needs_resume_or_overwrite(data, tmp_path):
+    cfg = write_config(tmp_path / "ft.yaml", data, tmp_path / "out", max_steps=2, valid_every=100)
+    assert invoke("finetune", "--config", cfg).exit_code == 0
+    metrics = (tmp_path / "out" / "metrics.jsonl").read_bytes()
+    res = invoke("finetune", "--config", cfg)
+    assert res.exit_code == 2 and "already holds a run" in res.stderr and "--overwrite" in res.stderr
+    assert (tmp_path / "out" / "metrics.jsonl").read_bytes() == metrics
+    res = invoke("finetune", "--config", cfg, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert invoke("finetune", "--config", cfg, "--resume").exit_code == 0
+
+
 def test_malformed_list_and_unknown_key_are_one_line_errors(data, tmp_path):
     nomos = tmp_path / "nomos.csv"
     nomos.write_text("path,score\nx.wav,3\n")

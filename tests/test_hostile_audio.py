@@ -70,6 +70,7 @@ def test_hostile_suite_one_row_per_file_with_the_right_outcome(suite, tiny_model
         row = by[c.path]
         has_mos = row["mos"] not in ("", None)
         assert has_mos != bool(row["error"]), row  # a score or an error, never both or neither
+        assert not has_mos or 1.0 <= float(row["mos"]) <= 5.0, row  # never NaN (samples of 1e30 overflow)
         assert "\n" not in row["error"]
         if c.expect == "mos":
             assert has_mos and 1.0 <= float(row["mos"]) <= 5.0, (c.name, row)
@@ -80,24 +81,27 @@ def test_hostile_suite_one_row_per_file_with_the_right_outcome(suite, tiny_model
     # everything is done: a resume scores nothing and changes nothing
     before = out.read_bytes()
     r = run("score", root, "--model", tiny_model_dir, "--out", out, "--format", fmt, "--resume")
-    assert r.exit_code == 0 and f"0 files: 0 scored, 0 errors, {len(cases)} already in" in r.output
+    assert r.exit_code == 0, r.output
+    assert f"{len(cases)} files in {out} ({len(cases)} earlier, 0 new): {len(cases) - errors} scored" in r.output
     assert out.read_bytes() == before
 
 
 def test_odd_arguments_on_the_command_line(suite, tiny_model_dir, tmp_path):
-    """Leading dashes after `--`, a FIFO, a symlink loop, a missing file and a directory named x.wav."""
+    """Leading dashes after `--`, a FIFO, a symlink loop and a directory named x.wav each get a row;
+    a missing path on the command line stops the run before it starts (exit 2, nothing written)."""
     root, _ = suite
     odd = root / "odd"
-    args = [odd / "-leading-dash.wav", odd / "fifo.wav", odd / "loop_a.wav", odd / "missing.wav", odd / "dir_named.wav"]
+    args = [odd / "-leading-dash.wav", odd / "fifo.wav", odd / "loop_a.wav", odd / "dir_named.wav"]
     r = run("score", "--model", tiny_model_dir, "--format", "jsonl", "-q", "--", *args)
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [os.path.basename(row["path"]) for row in rows] == [
-        "-leading-dash.wav", "fifo.wav", "loop_a.wav", "missing.wav", "inner.wav"]
+        "-leading-dash.wav", "fifo.wav", "loop_a.wav", "inner.wav"]
     assert rows[0]["mos"] is not None
-    assert [row["error"] for row in rows[1:4]] == [
-        "not a regular file (a pipe, socket or device)", "cannot read audio (Too many levels of symbolic links)",
-        "no such file"]
+    assert [row["error"] for row in rows[1:3]] == [
+        "not a regular file (a pipe, socket or device)", "cannot read audio (Too many levels of symbolic links)"]
+    r = run("score", "--model", tiny_model_dir, "--format", "jsonl", "-q", "--", *args, odd / "missing.wav")
+    assert r.exit_code == 2 and r.stdout == "" and "missing.wav: no such file or directory" in r.output
 
 
 def test_unreadable_file_is_an_error_row(model):
@@ -116,7 +120,7 @@ def test_unreadable_file_is_an_error_row(model):
             os.seteuid(65534)
         with pytest.raises(AudioError, match="Permission denied"):
             probe(locked)
-        rows = [r for chunk in score_files(model, [(ok, ""), (locked, "")]) for r in chunk]
+        rows = list(score_files(model, [ok, locked]))
     finally:
         if as_root:
             os.seteuid(0)
@@ -151,7 +155,7 @@ def test_header_claiming_hours_of_missing_data_is_quick(model, tmp_path):
     path = tmp_path / "liar.wav"
     path.write_bytes(wav_header(sr, 1, 16, 2 * sr * 7200) + data)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rows = [r for chunk in score_files(model, [(str(path), "")]) for r in chunk]
+    rows = list(score_files(model, [path]))
     assert len(rows) == 1 and (rows[0].mos is not None or "truncated" in rows[0].error)
     assert rows[0].duration_s is None or rows[0].duration_s < 2.0 or rows[0].error
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500 * 1024  # KiB
@@ -210,7 +214,7 @@ def test_random_headers_score_files_gives_one_row(model, tmp_path, h, seconds, c
     bad.write_bytes(_hostile_wav(h, payload, cut))
     sf.write(good, speech(16000, 0.5), 16000)
     with np.errstate(all="ignore"):
-        rows = [r for chunk in score_files(model, [(str(bad), ""), (str(good), "")]) for r in chunk]
+        rows = list(score_files(model, [bad, good]))
     assert [r.path for r in rows] == [str(bad), str(good)]
     assert (rows[0].mos is None) != (rows[0].error == "")
     assert rows[0].mos is None or 1.0 <= rows[0].mos <= 5.0

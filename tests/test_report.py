@@ -152,7 +152,8 @@ def test_json_keys(scores, tmp_path):
         raise AssertionError(f"{name} is not JSON")
 
     rep = json.loads(out.read_text(), parse_constant=no_nan)  # NaN must be written as null
-    assert set(rep) == {"inputs", "counts", "systems", "sample_rates", "errors", "truth", "baseline", "gate"}
+    assert set(rep) == {"inputs", "counts", "systems", "sample_rates", "errors", "truth", "baseline", "gate",
+                        "provenance", "warnings"}
     assert set(rep["systems"][0]) >= {"system", "files", "mean", "ci_low", "ci_high", "rank", "errors"}
     assert [s["ci_low"] for s in rep["systems"] if s["system"] == "sysC"] == [None]
     assert rep["gate"] == {"fail_under": None, "fail_drop": None, "failures": [], "passed": True}

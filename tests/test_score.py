@@ -74,7 +74,7 @@ def test_a_files_score_does_not_depend_on_the_other_files_in_the_run(audio_dir, 
     assert {r["path"]: r["mos"] for r in read_csv(rev)} == scores
     for path in list(scores)[::4]:
         one = tmp_path / "one.csv"
-        assert run("score", path, "--model", tiny_model_dir, "--out", one).exit_code == 0
+        assert run("score", path, "--model", tiny_model_dir, "--out", one, "--overwrite").exit_code == 0
         assert read_csv(one)[0]["mos"] == scores[path], path
 
 
@@ -95,7 +95,7 @@ def test_resume_skips_done_files_and_repairs_torn_line(audio_dir, tiny_model_dir
     lines = full.splitlines(keepends=True)
     out.write_text("".join(lines[:6]) + lines[6][:10])  # as if killed mid-write
     r = run("score", audio_dir, "--model", tiny_model_dir, "--out", out, "--resume")
-    assert r.exit_code == 0 and "already in" in r.output
+    assert r.exit_code == 0 and "20 files in" in r.output and "(5 earlier, 15 new)" in r.output, r.output
     assert sorted(out.read_text().splitlines()) == sorted(full.splitlines())
 
 

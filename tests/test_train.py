@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from msr_utmos_cli.train import STATE_FILE, TrainConfig, TrainingError, find_checkpoint, fit, lr_factor
+from msr_utmos_cli.train import STATE_FILE, OutDirError, TrainConfig, TrainingError, find_checkpoint, fit, lr_factor
 
 
 class Toy:
@@ -118,3 +118,16 @@ def test_a_kill_between_renames_leaves_a_loadable_checkpoint(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(TrainingError, match="no checkpoint"):
         fit(Toy(), cfg(tmp_path), {}, resume=True)
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_untouched(tmp_path):
+    fit(Toy(), cfg(tmp_path), {})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "metrics.jsonl", tmp_path / "last" / STATE_FILE)}
+    with pytest.raises(OutDirError, match="already holds a run .*--resume.*--overwrite"):
+        fit(Toy(), cfg(tmp_path, max_steps=4), {})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "metrics.jsonl", tmp_path / "last" / STATE_FILE)} == before
+    with pytest.raises(OutDirError, match="exclude each other"):
+        fit(Toy(), cfg(tmp_path), {}, resume=True, overwrite=True)
+    fit(Toy(), cfg(tmp_path, max_steps=4), {}, overwrite=True)  # a new run, not the old one's tail
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and torch.load(find_checkpoint(tmp_path) / STATE_FILE)["step"] == 4
