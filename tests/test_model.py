@@ -10,8 +10,7 @@ import torch
 from msr_utmos_cli import ModelLoadError, MOSModel, PRESETS, load_model, save_model
 from msr_utmos_cli.checkpoint import CONFIG, WEIGHTS
 from msr_utmos_cli.scoring import score_waveforms
-
-from conftest import speechlike
+from msr_utmos_cli.testing import speechlike
 
 
 @pytest.fixture(scope="module")
