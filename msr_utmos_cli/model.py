@@ -225,9 +225,6 @@ class MOSModel(nn.Module):
         wave = wave[None] if wave.dim() == 1 else wave
         return torch.tensor(score_waveforms(self, list(wave), sr, window_s=window_s))
 
-    def config_dict(self) -> dict:
-        return self.cfg.to_dict()
-
 
 def clip_mos(x: torch.Tensor) -> torch.Tensor:
     """Scores are reported on the 1-5 scale: values outside it are clipped, never rescaled."""

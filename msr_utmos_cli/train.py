@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -195,10 +195,6 @@ def load_trainer_state(folder: Path) -> dict:
 
 
 # --- the loop ----------------------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
 def _better(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
@@ -431,12 +427,3 @@ def threading_main() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP/compile wrapper (fit itself never wraps)."""
-    return getattr(model, "module", getattr(model, "_orig_mod", model))
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
