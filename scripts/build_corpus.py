@@ -1,4 +1,4 @@
-"""Build a deterministic multi-rate speech-quality corpus from offline Debian sources (issue 6).
+"""Build a deterministic multi-rate speech-quality corpus from offline Debian sources.
 
 Sources: the English Asterisk prompts (real studio speech, 8 kHz), Debian synthesizers (espeak-ng
 22.05 kHz, festival diphone 16 kHz and HTS 32 kHz, flite 8/16 kHz) speaking a fixed list of generated
