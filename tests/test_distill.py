@@ -1,4 +1,5 @@
 """Distillation end to end on a tiny teacher and synthetic multi-rate audio (CPU, seconds each)."""
+import hashlib
 import importlib.util
 import json
 import math
@@ -243,8 +244,10 @@ trainer:
     r = CliRunner().invoke(app, ["distill", "--config", cfg])
     assert r.exit_code == 0, r.output
     assert (out / "last" / "model.safetensors").is_file() and (out / "last" / "run_config.yaml").is_file()
-    meta = json.loads((out / "last" / "config.json").read_text())["metadata"]
+    doc = json.loads((out / "last" / "config.json").read_text())
+    meta = doc["metadata"]
     assert meta["task"] == "distill" and meta["step"] == 2 and meta["run_config"]["trainer"]["max_steps"] == 2
+    assert doc["weights_sha256"] == hashlib.sha256((out / "last" / "model.safetensors").read_bytes()).hexdigest()
     r = CliRunner().invoke(app, ["score", str(assets / "wav"), "--model", str(out / "last"), "--quiet",
                                  "--device", "cpu", "--format", "jsonl"])
     assert r.exit_code == 0, r.output

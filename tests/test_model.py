@@ -1,16 +1,18 @@
 """Model invariants: padding/batching never changes a score; checkpoints round-trip; the API is one call."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from msr_utmos_cli import ModelLoadError, MOSModel, PRESETS, load_model, save_model
 from msr_utmos_cli.checkpoint import CONFIG, WEIGHTS
 from msr_utmos_cli.scoring import score_waveforms
-from msr_utmos_cli.testing import speechlike
+from msr_utmos_cli.testing import random_model, speechlike
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,45 @@ def test_checkpoint_roundtrip_is_safetensors_and_json(tmp_path):
     assert not loaded.training
     x = speechlike(44100, 1.0)
     assert torch.equal(m.score(x, 44100), loaded.score(x, 44100))
+
+
+def test_weights_are_checked_against_the_sha256_in_config(tmp_path):
+    """config.json records the weights' SHA-256; a weights file changed by one value still parses and fits
+    the architecture, and is refused in one line naming it, by the API and the CLI; the unchanged one loads."""
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from msr_utmos_cli.cli import app
+
+    folder = random_model(tmp_path / "m")
+    doc = json.loads((folder / CONFIG).read_text())
+    assert doc["weights_sha256"] == hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
+    x = speechlike(16000, 1.0)
+    good = load_model(folder, "cpu").score(x, 16000)
+    state = load_file(folder / WEIGHTS)
+    key = sorted(state)[0]
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] += 1.0
+    save_file(state, str(folder / WEIGHTS))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(folder, "cpu")
+    msg = str(e.value)
+    assert str(folder / WEIGHTS) in msg and "SHA-256" in msg and "\n" not in msg
+    sf.write(tmp_path / "a.wav", x, 16000)
+    r = CliRunner().invoke(app, ["score", str(tmp_path / "a.wav"), "--model", str(folder)])
+    assert r.exit_code == 2 and "Traceback" not in r.output and str(folder / WEIGHTS) in r.output
+    del doc["weights_sha256"]  # a folder written before 0.2.0 records none: it loads unchecked
+    (folder / CONFIG).write_text(json.dumps(doc))
+    assert not torch.equal(load_model(folder, "cpu").score(x, 16000), good)
+
+
+def test_bundled_model_records_its_weights_sha256():
+    from msr_utmos_cli.checkpoint import models_dir, weights_sha256
+
+    folder = models_dir() / "msr-utmos-small-distillmos"
+    doc = json.loads((folder / CONFIG).read_text())
+    assert doc["weights_sha256"] == weights_sha256(folder / WEIGHTS)
+    assert doc["metadata"]["model_version"] == "1.0.0"
 
 
 def test_sfi_mute_flag_is_saved_and_old_configs_load_muted(tmp_path):
