@@ -71,20 +71,38 @@ def test_score_api_shapes_and_range(model):
         model.score(np.zeros(10, np.float32), 16000)
 
 
-def test_long_input_is_windowed_with_bounded_windows(model):
+def test_long_input_is_windowed_with_bounded_windows(model, monkeypatch):
     """A 50 s input with 20 s windows is scored as 3 windows; the result stays close to one long pass."""
+    seen = []
+    forward = model.frame_scores
+
+    def spy(wave, lengths, sr, *args):
+        seen.append(int(lengths[0]))
+        return forward(wave, lengths, sr, *args)
+
+    monkeypatch.setattr(model, "frame_scores", spy)
     x = speechlike(16000, 50.0, seed=5)
     windowed = model.score(x, 16000, window_s=20.0).item()
+    assert len(seen) == 3 and sum(seen) == x.shape[0] and max(seen) <= 20 * 16000, seen
+    seen.clear()
     whole = model.score(x, 16000, window_s=60.0).item()
+    assert seen == [x.shape[0]]
     assert abs(windowed - whole) < 0.05
 
 
 def test_extract_features_masks_padding(model):
+    """An item's valid frames at every layer are the same alone as beside a longer item, whatever its padding
+    holds (loud noise here, so anything that leaks from it shows)."""
     x = torch.from_numpy(speechlike(24000, 1.0))
+    short = torch.from_numpy(speechlike(24000, 0.5, seed=1))
+    padded = torch.cat([short, torch.randn(x.shape[0] - short.shape[0])])  # (T,): valid half + noise
     with torch.no_grad():
-        feats, n = model.extract_features(torch.stack([x, torch.zeros_like(x)]), torch.tensor([24000, 12000]), 24000)
-    assert len(feats) == model.cfg.num_layers
-    assert feats[0].shape[:2] == (2, n[0].item()) and n[1] < n[0]
+        feats, n = model.extract_features(torch.stack([x, padded]), torch.tensor([x.shape[0], short.shape[0]]), 24000)
+        alone, n_alone = model.extract_features(short[None], None, 24000)
+    assert len(feats) == len(alone) == model.cfg.num_layers
+    assert feats[0].shape[:2] == (2, n[0].item()) and n[1] == n_alone[0] < n[0]
+    for batched, single in zip(feats, alone):
+        torch.testing.assert_close(batched[1, :n[1]], single[0], atol=1e-5, rtol=1e-4)
 
 
 def test_checkpoint_roundtrip_is_safetensors_and_json(tmp_path):
