@@ -4,7 +4,7 @@
     model = utmos.load_model()            # the bundled default model, on CUDA when available
     mos = model.score(wave, sr)           # (T,) or (B, T) at any rate from 8 to 192 kHz -> (B,)
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {  # imported on first use, so `utmos report` does not pay for importing torch
     "load_model": "checkpoint", "save_model": "checkpoint", "available_models": "checkpoint",
