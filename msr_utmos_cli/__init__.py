@@ -1,4 +1,4 @@
-"""MSR-UTMOS: naturalness MOS prediction at any sampling rate, without resampling.
+"""MSR-UTMOS: speech MOS prediction at any sampling rate, without resampling.
 
     import msr_utmos_cli as utmos
     model = utmos.load_model()            # the bundled default model, on CUDA when available

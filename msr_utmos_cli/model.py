@@ -72,7 +72,7 @@ def tiny() -> ModelConfig:
 
 
 def small() -> ModelConfig:
-    """Released default size: 3M parameters. Chosen by measurement (benchmarks in the README): the
+    """Released default size: 3M parameters. Chosen by measurement (docs/sfi.md, "Model sizes"): the
     conv stack runs at 3200-100 frames/s and dominates CPU time, so it starts narrow (64 channels)
     and widens as the frame rate falls; ~50 audio s/s on 2 CPU cores vs ~8 for 256 channels throughout."""
     return ModelConfig(sfi_channels=64, conv_layers=[[128, 3, 2], [128, 3, 2], [256, 3, 2], [256, 3, 2],

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_label_corpus_path_lists_feed_utmos_score(tiny_model_dir, tmp_path):
-    """The README's fine-tuning recipe scores `@test_paths.txt`; label_corpus.py must write it, in CSV order."""
+    """docs/training.md's fine-tuning example scores `@test_paths.txt`; label_corpus.py must write it, in CSV order."""
     spec = importlib.util.spec_from_file_location("label_corpus", ROOT / "scripts" / "label_corpus.py")
     label_corpus = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(label_corpus)
