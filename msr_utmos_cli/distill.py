@@ -18,7 +18,8 @@ from torch import nn
 
 from . import audio
 from .checkpoint import ModelLoadError, load_model, save_model
-from .config import ConfigError, load_config
+from .config import ConfigError
+from .paper_config import load_run_config
 from .model import PRESETS, ModelConfig, MOSModel
 from .sfi import fit_to_kernel
 from .teachers import SAMPLE_RATE, Teacher, Wav2Vec2Teacher, load_teacher
@@ -531,6 +532,10 @@ class DistillTask:
                             seed, start, self.data.workers, self.m.full_targets_when_band_fits,
                             self.consistency)
 
+    def steps_per_epoch(self, world: int) -> int:
+        """Steps in one pass over the clips: each is seen once, as one random crop at one rate."""
+        return math.ceil(len(self.clips) / (self.trainer.batch_size * world * self.trainer.grad_accum))
+
     def audio_seconds(self, batch: dict) -> float:
         return float(batch["lengths"].sum()) / batch["sr"]
 
@@ -626,14 +631,17 @@ class DistillTask:
         save_model(self.model.student, folder, meta)
 
 
-def run(config: str | os.PathLike | None, overrides: list[str] | None = None, resume: bool = False,
-        teacher: Teacher | None = None) -> dict:
+def resolve(config: str | os.PathLike | None, overrides: list | None = None) -> tuple[dict, dict, str | None]:
+    """Our run config or the paper's -> (built sections, resolved dict, note on the paper's ignored keys)."""
+    return load_run_config("distill", config, overrides, SECTIONS)
+
+
+def run(config: str | os.PathLike | None, overrides: list | None = None, resume: bool = False,
+        teacher: Teacher | None = None, log=print) -> dict:
     """`utmos distill`: read the config, build the task and train. Returns fit's summary."""
-    built, resolved = load_config(config, overrides, SECTIONS)
-    try:
-        built["trainer"].validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    built, resolved, note = resolve(config, overrides)
+    if note:
+        log(note)
     task = DistillTask(built["model"], built["data"], built["trainer"], teacher)
     summary = fit(task, built["trainer"], resolved, resume=resume,
                   select_metric="valid_loss" if task.valid_clips else None, select_mode="min")
