@@ -32,7 +32,7 @@ DEFAULT_RATES = [8000, 16000, 22050, 24000, 32000, 44100, 48000]
 class DistillModel:
     """The `model:` section."""
 
-    teacher: str = "facebook/wav2vec2-base"  # "distillmos", a local HF folder / torchaudio .pt file, or a hub id
+    teacher: str = "facebook/wav2vec2-base"  # "distillmos", a local HF folder / torchaudio .pt file, torchaudio:BUNDLE, or a hub id
     teacher_kind: str = "auto"  # auto | wav2vec2 | distillmos
     student: str = "small"  # preset (tiny/small/base) for the head, dropouts and any part not taken from the teacher
     init_from_teacher: bool = True  # wav2vec2 teachers: copy the backbone's shape and weights, fit the SFI layer
