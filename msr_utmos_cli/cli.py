@@ -223,6 +223,28 @@ def finetune(
     _train(run, (LabelError, ModelLoadError), "fine-tuned")
 
 
+# --- export ------------------------------------------------------------------
+@app.command()
+def export(
+    model: Annotated[Optional[str], typer.Argument(help="Model folder, released model name or hf:owner/repo. "
+                                                        "Default: the bundled default model.")] = None,
+    onnx: Annotated[Path, typer.Option("--onnx", help="Write the ONNX graph here.")] = ...,
+    rate: Annotated[int, typer.Option(help="The one sampling rate (Hz) the graph takes.")] = ...,
+) -> None:
+    """Export a model at one sampling rate as ONNX (SFI taps baked in), checked against PyTorch."""
+    from .checkpoint import ModelLoadError, load_model
+    from .export import ExportError, export_onnx
+
+    try:
+        info = export_onnx(load_model(model, "cpu"), rate, onnx)
+    except (ModelLoadError, ExportError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {info['path']}: input wave (batch, samples >= {info['min_samples']}) float32 at {rate} Hz; "
+               f"outputs mos (batch,) and frame_scores (batch, frames); max |ONNX - PyTorch| "
+               f"{info['max_abs_diff']:.1e}", err=True)
+
+
 # --- report ------------------------------------------------------------------
 @app.command()
 def report(
