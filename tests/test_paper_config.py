@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
+import transformers
 import yaml
-from torchaudio.models import wav2vec2_model
 from typer.testing import CliRunner
 
 from msr_utmos_cli.cli import app
-from msr_utmos_cli.teachers import default_params
 from msr_utmos_cli.train import TrainConfig
 
 from conftest import speechlike
@@ -23,15 +22,15 @@ RATES = (16000, 24000, 44100, 48000)
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    """A random 2-layer wav2vec2 teacher (torchaudio file) and one 1 s clip at each of four rates."""
+    """A random 2-layer wav2vec2 teacher saved as a Hugging Face folder (what the paper's teacher id names)
+    and one 1 s clip at each of four rates."""
     root = tmp_path_factory.mktemp("paper")
-    p = default_params(extractor_conv_layer_config=[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2,
-                       encoder_embed_dim=16, encoder_pos_conv_kernel=8, encoder_pos_conv_groups=2,
-                       encoder_num_layers=2, encoder_num_heads=2, encoder_ff_interm_features=32)
     torch.manual_seed(1)
-    torch.save({"params": p, "state_dict": wav2vec2_model(**p).state_dict()}, root / "teacher.pt")
-    (root / "wavs").mkdir()
+    cfg = transformers.Wav2Vec2Config(conv_dim=(16,) * 7, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=32, num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2)
+    transformers.Wav2Vec2Model(cfg).save_pretrained(root / "teacher")
     for i, sr in enumerate(RATES):
+        (root / "wavs").mkdir(exist_ok=True)
         sf.write(root / "wavs" / f"clip{i}.wav", speechlike(sr, 1.0, seed=i), sr)
     return root
 
@@ -47,7 +46,7 @@ def metric_steps(out: Path) -> list[int]:
 def test_the_papers_distill_config_runs_as_written(local, tmp_path, monkeypatch):
     """Only the teacher and the data folder are pointed at local files, with the paper's own flag syntax."""
     monkeypatch.chdir(tmp_path)
-    r = invoke("distill", "--config", PAPER_DISTILL, f"--model.init_args.teacher_model_path_or_name={local / 'teacher.pt'}",
+    r = invoke("distill", "--config", PAPER_DISTILL, f"--model.init_args.teacher_model_path_or_name={local / 'teacher'}",
                "--data.init_args.data_dir", local / "wavs")
     assert r.exit_code == 0, r.output
     ignored = [line for line in r.output.splitlines() if "no meaning here" in line]
@@ -61,7 +60,7 @@ def test_the_papers_distill_config_runs_as_written(local, tmp_path, monkeypatch)
     want = {"lr": 1e-4, "weight_decay": 1e-5, "batch_size": 16, "max_epochs": 10, "max_steps": None, "device": "auto"}
     assert {k: cfg["trainer"][k] for k in want} == want
     assert cfg["data"]["rates"] == [16000, 24000, 48000] and cfg["data"]["dirs"] == [str(local / "wavs")]
-    assert cfg["model"]["teacher"] == str(local / "teacher.pt")
+    assert cfg["model"]["teacher"] == str(local / "teacher")
 
 
 def test_the_papers_finetune_flags_run_without_a_config(tmp_path, tiny_model_dir, monkeypatch):
@@ -105,7 +104,7 @@ def test_print_config_is_the_resolved_yaml_of_either_format(flag, tmp_path):
 
 
 def test_epochs_and_steps_bound_a_run_whichever_ends_first(local, tmp_path):
-    base = ["distill", "--set", f"model.teacher={local / 'teacher.pt'}", "--set", f"data.dirs=[{local / 'wavs'}]",
+    base = ["distill", "--set", f"model.teacher={local / 'teacher'}", "--set", f"data.dirs=[{local / 'wavs'}]",
             "--set", "model.student=tiny", "--set", "model.sfi_fit_steps=5", "--set", "data.crop_s=0.3",
             "--set", "trainer.batch_size=2", "--set", "trainer.log_every=1"]
     for extra, steps in ((["--trainer.max_epochs=2"], 4), (["--trainer.max_epochs=2", "--trainer.max_steps=3"], 3)):
