@@ -140,6 +140,10 @@ class PaperDialect:
     def _map(self, written: str, value: Any) -> tuple[str | None, Any]:
         plain = _plain(written)
         rule = self.rules.get(plain)
+        parent = plain.rpartition(".")[0]
+        if rule is None and parent in self.prefixes and "." in parent:  # inside a group of theirs (model.config)
+            known = ", ".join(sorted(k for k in self.rules if k.startswith(parent + ".")))
+            raise ConfigError(f"unknown key {written} (known here: {known})")
         if rule is None:
             return plain, value
         self.paper = self.paper or plain not in self.ours

@@ -120,6 +120,7 @@ def test_bad_paper_input_is_one_line_exit_2(tmp_path):
     both.write_text(PAPER_DISTILL.read_text() + "  batch_size: 4\n")  # trainer.batch_size beside data's batch_size
     cases = [
         (PAPER_DISTILL, ["--trainer.max_epochz=3"], "did you mean trainer.max_epochs"),
+        (PAPER_DISTILL, ["--model.config.lrr=1"], "unknown key model.config.lrr (known here: model.config.lr, "),
         (PAPER_DISTILL, ["--bogus"], "unknown option or argument '--bogus'"),
         (PAPER_DISTILL, ["--trainer.devices=2"], "torchrun --nproc_per_node 2"),
         (PAPER_DISTILL, ["--trainer.accelerator=tpu"], "trainer.accelerator: 'tpu'"),
