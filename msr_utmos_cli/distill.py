@@ -18,7 +18,8 @@ from torch import nn
 
 from . import audio
 from .checkpoint import ModelLoadError, load_model, save_model
-from .config import ConfigError, load_config
+from .config import ConfigError
+from .paper_config import load_run_config
 from .model import PRESETS, ModelConfig, MOSModel
 from .sfi import fit_to_kernel
 from .teachers import SAMPLE_RATE, Teacher, Wav2Vec2Teacher, load_teacher
@@ -31,7 +32,7 @@ DEFAULT_RATES = [8000, 16000, 22050, 24000, 32000, 44100, 48000]
 class DistillModel:
     """The `model:` section."""
 
-    teacher: str = "facebook/wav2vec2-base"  # "distillmos", a local HF folder / torchaudio .pt file, or a hub id
+    teacher: str = "facebook/wav2vec2-base"  # "distillmos", a local HF folder / torchaudio .pt file, torchaudio:BUNDLE, or a hub id
     teacher_kind: str = "auto"  # auto | wav2vec2 | distillmos
     student: str = "small"  # preset (tiny/small/base) for the head, dropouts and any part not taken from the teacher
     init_from_teacher: bool = True  # wav2vec2 teachers: copy the backbone's shape and weights, fit the SFI layer
@@ -493,6 +494,10 @@ class DistillTask:
                             seed, start, self.data.workers, self.m.full_targets_when_band_fits,
                             self.consistency)
 
+    def steps_per_epoch(self, world: int) -> int:
+        """Steps in one pass over the clips: each is seen once, as one random crop at one rate."""
+        return math.ceil(len(self.clips) / (self.trainer.batch_size * world * self.trainer.grad_accum))
+
     def audio_seconds(self, batch: dict) -> float:
         return float(batch["lengths"].sum()) / batch["sr"]
 
@@ -583,14 +588,17 @@ class DistillTask:
         save_model(self.model.student, folder, meta)
 
 
-def run(config: str | os.PathLike | None, overrides: list[str] | None = None, resume: bool = False,
-        teacher: Teacher | None = None) -> dict:
+def resolve(config: str | os.PathLike | None, overrides: list | None = None) -> tuple[dict, dict, str | None]:
+    """Our run config or the paper's -> (built sections, resolved dict, note on the paper's ignored keys)."""
+    return load_run_config("distill", config, overrides, SECTIONS)
+
+
+def run(config: str | os.PathLike | None, overrides: list | None = None, resume: bool = False,
+        teacher: Teacher | None = None, log=print) -> dict:
     """`utmos distill`: read the config, build the task and train. Returns fit's summary."""
-    built, resolved = load_config(config, overrides, SECTIONS)
-    try:
-        built["trainer"].validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    built, resolved, note = resolve(config, overrides)
+    if note:
+        log(note)
     task = DistillTask(built["model"], built["data"], built["trainer"], teacher)
     summary = fit(task, built["trainer"], resolved, resume=resume,
                   select_metric="valid_loss" if task.valid_clips else None, select_mode="min")

@@ -132,9 +132,9 @@ class MOSHead(nn.Module):
                                   nn.Dropout(cfg.head_dropout), nn.Linear(cfg.head_hidden, 1))
         nn.init.constant_(self.proj[-1].bias, 3.0)  # start mid-scale so an untrained head is not clipped
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor, domain: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None, domain: torch.Tensor | None = None,
                 listener: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, F, D), lengths (B,) -> per-frame scores (B, F); padded frames are 0."""
+        """x (B, F, D), lengths (B,) -> per-frame scores (B, F); padded frames are 0. lengths None: no padding."""
         B, F, _ = x.shape
         extra = []
         for emb, ids in ((self.domain, domain), (self.listener, listener)):
@@ -142,6 +142,8 @@ class MOSHead(nn.Module):
                 ids = torch.zeros(B, dtype=torch.long, device=x.device) if ids is None else ids
                 extra.append(emb(ids)[:, None, :].expand(B, F, -1))
         x = torch.cat([x, *extra], dim=-1) if extra else x
+        if lengths is None:  # every frame valid (the fixed-length ONNX graph): nothing to pack
+            return self.proj(self.lstm(x)[0]).squeeze(-1)
         # Packing makes the backward direction start at each item's own last frame.
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True,
                                                    enforce_sorted=False)
