@@ -24,10 +24,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from hostile import speech, write_long_wav  # noqa: E402
-
-from msr_utmos_cli import MOSModel, PRESETS, save_model  # noqa: E402
+from msr_utmos_cli import PRESETS
+from msr_utmos_cli.testing import random_model, speechlike, write_long_wav
 
 RATES = [8000, 16000, 22050, 24000, 44100, 48000]
 
@@ -35,7 +33,7 @@ RATES = [8000, 16000, 22050, 24000, 44100, 48000]
 def make_files(root: Path, n: int, per_dir: int = 1000) -> float:
     """n files of 0.5-1 s at mixed rates, `per_dir` per folder; returns total audio seconds."""
     rng = np.random.default_rng(0)
-    base = {sr: (speech(sr, 1.0, seed=i) * 32767).astype(np.int16) for i, sr in enumerate(RATES)}
+    base = {sr: (speechlike(sr, 1.0, seed=i) * 32767).astype(np.int16) for i, sr in enumerate(RATES)}
     total = 0.0
     for i in range(n):
         sr = RATES[i % len(RATES)]
@@ -92,8 +90,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="utmos_load_", dir=args.tmp))
     try:
-        torch.manual_seed(0)
-        model = save_model(MOSModel(PRESETS[args.preset]()), root / "model")
+        model = random_model(root / "model", args.preset)
         t = time.monotonic()
         audio_big = make_files(root / "big", args.files)
         audio_small = make_files(root / "small", args.baseline_files)

@@ -25,11 +25,9 @@ import soundfile as sf
 import torch
 import torchaudio
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import speechlike  # noqa: E402
-
-from msr_utmos_cli import PRESETS, MOSModel, load_model, save_model  # noqa: E402
-from msr_utmos_cli.output import write_scores  # noqa: E402
+from msr_utmos_cli import PRESETS, load_model
+from msr_utmos_cli.output import write_scores
+from msr_utmos_cli.testing import random_model, speechlike
 
 MIXED = [8000, 16000, 22050, 24000, 44100, 48000]
 
@@ -74,11 +72,8 @@ def main() -> None:
     ap.add_argument("--long-minutes", type=float, default=30.0, help="0 skips the long-file run")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp())
-    model = MOSModel(PRESETS[args.preset]()).eval().to(args.device)
-    save_model(model, tmp / "model")
-    model = load_model(tmp / "model", args.device)
+    model = load_model(random_model(tmp / "model", args.preset), args.device)
     clips = [speechlike(16000, args.seconds, seed=i) for i in range(args.files)]
     (tmp / "w16").mkdir()
     (tmp / "mixed").mkdir()

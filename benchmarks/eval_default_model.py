@@ -1,4 +1,4 @@
-"""Issue 6 acceptance numbers for a model folder: agreement with DistillMOS, rate independence, severity order.
+"""Measure a model folder as the default model's card does: agreement with DistillMOS, rate spread, severity order.
 
     python benchmarks/eval_default_model.py --model models/<name> --corpus corpus/ [--split test]
         [--out eval_results.json] [--plots docs/] [--batch-size 16] [--device cpu]

@@ -1,11 +1,11 @@
-"""MSR-UTMOS: naturalness MOS prediction at any sampling rate, without resampling.
+"""MSR-UTMOS: speech MOS prediction at any sampling rate, without resampling.
 
     import msr_utmos_cli as utmos
     model = utmos.load_model()            # the bundled default model, on CUDA when available
     mos = model.score(wave, sr)           # (T,), (B, T) or (T, C) at any rate from 8 to 192 kHz -> (B,)
     rows = model.score_files(paths)       # one Row (path, sample_rate, duration_s, mos, error) per file
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {  # imported on first use, so `utmos report` does not pay for importing torch
     "load_model": "checkpoint", "save_model": "checkpoint", "available_models": "checkpoint",

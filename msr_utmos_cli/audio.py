@@ -137,17 +137,6 @@ def read_segment(info: AudioInfo, start: int, stop: int, channel: int | None = N
     return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
-def band_limit(wave: torch.Tensor, sr: int, cutoff_hz: float) -> torch.Tensor:
-    """Remove content above `cutoff_hz` by a band-limited down/up resampling round trip. (..., T) -> (..., T)."""
-    inner = int(2 * cutoff_hz)
-    if inner >= sr:
-        return wave
-    g = math.gcd(sr, inner)
-    y = AF.resample(AF.resample(wave, sr // g, inner // g), inner // g, sr // g)
-    return y[..., : wave.shape[-1]] if y.shape[-1] >= wave.shape[-1] else torch.nn.functional.pad(
-        y, (0, wave.shape[-1] - y.shape[-1]))
-
-
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     """Band-limited resampling (torchaudio's windowed sinc). (..., T) -> (..., T')."""
     if orig_sr == new_sr:

@@ -1,8 +1,9 @@
 """Model files: safetensors weights + a readable JSON config, a registry of released models, hub loading.
 
 A model is a folder holding `model.safetensors` and `config.json`
-({"format": "msr-utmos", "format_version": 1, "config": {...}, "metadata": {...}}).
-Nothing is unpickled when loading, so a checkpoint cannot run code.
+({"format": "msr-utmos", "format_version": 1, "weights_sha256": "...", "config": {...}, "metadata": {...}}).
+Nothing is unpickled when loading, so a checkpoint cannot run code, and weights whose SHA-256 is not
+the one config.json records are refused, so a corrupt or swapped file never scores silently.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from .model import ModelConfig, MOSModel
 FORMAT = "msr-utmos"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+SHA256_KEY = "weights_sha256"
 HUB_PREFIX = "hf:"
 
 
@@ -81,8 +84,8 @@ def parse_device(name: str | torch.device | None) -> torch.device:
 
 
 def weights_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a weights file: what identifies a model in score files and reports.
-    Cached per (file, size, mtime), so loading a model again costs no second read."""
+    """Hex SHA-256 of a weights file, read in chunks (a `base` model is 390 MB): checked on load and
+    written beside every score. Cached per (file, size, mtime), so it is read once per process."""
     st = os.stat(path)
     return _sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
 
@@ -128,9 +131,9 @@ def save_model(model: MOSModel, folder: str | os.PathLike, metadata: dict | None
     """Write `model` as a model folder that `load_model` and `utmos score --model` accept."""
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "msr_utmos_version": __version__,
-           "config": model.cfg.to_dict(), "metadata": metadata or {}}
     atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp))
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "msr_utmos_version": __version__,
+           SHA256_KEY: weights_sha256(folder / WEIGHTS), "config": model.cfg.to_dict(), "metadata": metadata or {}}
     atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
     return folder
 
@@ -150,6 +153,9 @@ def read_config(folder: Path) -> dict:
     if doc.get("format_version", 0) > FORMAT_VERSION:
         raise ModelLoadError(f"{path}: format version {doc['format_version']} is newer than this msr-utmos "
                              f"understands ({FORMAT_VERSION}); upgrade msr-utmos")
+    digest = doc.get(SHA256_KEY)
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise ModelLoadError(f"{path}: {SHA256_KEY} must be 64 lower-case hex digits, not {digest!r}")
     return doc
 
 
@@ -191,14 +197,19 @@ def download(repo: str) -> Path:
                              "offline, pass a local model folder instead") from None
 
 
-def load_state(folder: Path) -> dict[str, torch.Tensor]:
+def load_state(folder: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The weights, checked against `sha256` (folders written before 0.2.0 record none)."""
     path = folder / WEIGHTS
     if not path.is_file():
         raise ModelLoadError(f"{path}: missing (a model folder needs {CONFIG} and {WEIGHTS})")
     try:
-        return load_file(path)
+        state = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: corrupt or truncated weights ({e})") from None
+    if sha256 is not None and (got := weights_sha256(path)) != sha256:
+        raise ModelLoadError(f"{path}: SHA-256 {got[:12]}... is not the {sha256[:12]}... that {CONFIG} records "
+                             "(the weights were changed or replaced)")
+    return state
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> MOSModel:
@@ -212,7 +223,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | torc
     except (TypeError, ValueError, RuntimeError) as e:  # wrong types, negative sizes: one line, not torch's essay
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"{folder / CONFIG}: invalid model config ({cause})") from None
-    state = load_state(folder)
+    state = load_state(folder, doc.get(SHA256_KEY))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -241,17 +241,50 @@ def _train(run, user_errors: tuple, verb: str) -> None:
     typer.echo(f"{verb} {summary['step']} steps{stopped}; model in {out / 'last'}{best}{preds}", err=True)
 
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", metavar="YAML", help="Run config (model:, data:, ...).")]
+PAPER_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+PAPER_HELP = ("The paper's LightningCLI configs and --section.key=value flags are read too "
+              "(docs/paper_compat.md).")
+
+
+def _sets(ctx: typer.Context, set_: list[str] | None) -> list[str]:
+    """--set values, then the paper's dotted flags (`--trainer.max_epochs=5`) as more of them."""
+    from .paper_config import dotted_flags
+
+    return [*(set_ or []), *dotted_flags(ctx.args)]
+
+
+def _print_config(resolve) -> None:
+    """--print-config: the resolved config as YAML on stdout, exit 0 (2 on a bad config)."""
+    import yaml
+
+    from .config import ConfigError
+
+    try:
+        _, resolved, note = resolve()
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if note:
+        typer.echo(note, err=True)
+    typer.echo(yaml.safe_dump(resolved, sort_keys=False), nl=False)
+    raise typer.Exit(0)
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", metavar="YAML",
+                                                   help="Run config YAML (ours or the paper's).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set trainer.lr=3e-4 (repeatable).")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in trainer.out_dir exactly where it stopped.")]
 OverwriteOpt = Annotated[bool, typer.Option(
     help="Delete the run already in trainer.out_dir (checkpoints, metrics.jsonl) and start afresh; without it "
          "(or --resume) such a folder is refused.")]
+PrintConfigOpt = Annotated[bool, typer.Option("--print-config", "--print_config",
+                                              help="Print the resolved config as YAML and exit.")]
 
 
-@app.command(cls=_Command)
-def distill(config: ConfigOpt, set_: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False) -> None:
+@app.command(cls=_Command, context_settings=PAPER_FLAGS, epilog=PAPER_HELP)
+def distill(ctx: typer.Context, config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False,
+            overwrite: OverwriteOpt = False, print_config: PrintConfigOpt = False) -> None:
     """Train an SFI student from a 16 kHz teacher (launch under torchrun for several processes).
 
     Example: distill the wav2vec2-base teacher, then continue after an interruption:
@@ -266,25 +299,31 @@ def distill(config: ConfigOpt, set_: SetOpt = None, resume: ResumeOpt = False, o
     def run(log):
         from .distill import run
 
-        return run(config, set_ or [], resume=resume, overwrite=overwrite)
+        return run(config, _sets(ctx, set_), resume=resume, log=log, overwrite=overwrite)
 
+    if print_config:
+        from .distill import resolve
+
+        _print_config(lambda: resolve(config, _sets(ctx, set_)))
     _train(run, (TeacherError,), "distilled")
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, context_settings=PAPER_FLAGS, epilog=PAPER_HELP)
 def finetune(
-    config: ConfigOpt,
+    ctx: typer.Context,
+    config: ConfigOpt = None,
     set_: SetOpt = None,
     init: Annotated[Optional[str], typer.Option(metavar="MODEL", help=(
         "Start from this model folder (a distill or finetune checkpoint) or preset (tiny/small/base); "
         "overrides model.init."))] = None,
     wav_root: Annotated[Optional[str], typer.Option(metavar="DIR", help=(
-        "Relative audio paths of lists without their own wav_root resolve here (default: the list's "
-        "folder)."))] = None,
+        "Relative audio paths of lists without their own wav_root resolve here (default: the list's folder); "
+        "overrides data.wav_root."))] = None,
     skip_bad_rows: Annotated[bool, typer.Option(
         "--skip-bad-rows", help="Drop bad label rows (each still listed) instead of stopping before training.")] = False,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    print_config: PrintConfigOpt = False,
 ) -> None:
     """Fine-tune (or pretrain) the MOS head and SSL model on labelled lists; best model in OUT_DIR/best.
 
@@ -300,10 +339,43 @@ def finetune(
     def run(log):
         from .finetune import run
 
-        return run(config, set_ or [], init=init, wav_root=wav_root, skip_bad_rows=skip_bad_rows, resume=resume,
-                   log=log, overwrite=overwrite)
+        return run(config, _sets(ctx, set_), init=init, wav_root=wav_root, skip_bad_rows=skip_bad_rows,
+                   resume=resume, log=log, overwrite=overwrite)
 
+    if print_config:
+        from .finetune import resolve
+
+        _print_config(lambda: resolve(config, _sets(ctx, set_), init, wav_root))
     _train(run, (LabelError, ModelLoadError), "fine-tuned")
+
+
+# --- export ------------------------------------------------------------------
+@app.command(cls=_Command)
+def export(
+    model: Annotated[Optional[str], typer.Argument(metavar="MODEL", help=(
+        "Model folder, released model name or hf:owner/repo. Default: the bundled default model."))] = None,
+    onnx: Annotated[Path, typer.Option("--onnx", metavar="FILE", help="Write the ONNX graph here.")] = ...,
+    rate: Annotated[int, typer.Option(metavar="HZ", help="The one sampling rate (Hz) the graph takes.")] = ...,
+) -> None:
+    """Export a model at one sampling rate as ONNX (SFI taps baked in), checked against PyTorch.
+
+    Example: the bundled model for 16 kHz input:
+
+    ```
+    utmos export --onnx utmos16k.onnx --rate 16000
+    ```
+    """
+    from .checkpoint import ModelLoadError, load_model
+    from .export import ExportError, export_onnx
+
+    try:
+        info = export_onnx(load_model(model, "cpu"), rate, onnx)
+    except (ModelLoadError, ExportError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {info['path']}: input wave (batch, samples >= {info['min_samples']}) float32 at {rate} Hz; "
+               f"outputs mos (batch,) and frame_scores (batch, frames); max |ONNX - PyTorch| "
+               f"{info['max_abs_diff']:.1e}", err=True)
 
 
 # --- report ------------------------------------------------------------------

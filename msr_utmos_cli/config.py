@@ -33,24 +33,36 @@ def load_yaml(path: str | Path) -> dict:
     return doc
 
 
-def apply_overrides(doc: dict, overrides: list[str] | None) -> dict:
-    """`a.b.c=value` (value parsed as YAML: 3e-4, true, [8000, 16000]) sets doc[a][b][c]."""
+def parse_override(item: str | tuple[str, Any]) -> tuple[str, Any]:
+    """`a.b.c=value` -> ("a.b.c", value parsed as YAML: 3e-4, true, [8000, 16000]); a pair passes through."""
+    if isinstance(item, tuple):
+        return item
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_key(doc: dict, key: str, value: Any) -> None:
+    """doc[a][b][c] = value for key `a.b.c`, creating sections on the way."""
+    node = doc
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_overrides(doc: dict, overrides: list | None) -> dict:
+    """Apply `key.path=value` strings (or (key, value) pairs) in order."""
     for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        node = doc
-        parts = key.strip().split(".")
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
-            node = nxt
-        node[parts[-1]] = value
+        set_key(doc, *parse_override(item))
     return doc
 
 
@@ -115,14 +127,19 @@ def build(cls: type, doc: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None, sections: dict[str, type],
-                base: dict | None = None) -> tuple[dict[str, Any], dict]:
+def load_config(path: str | Path | None, overrides: list | None, sections: dict[str, type],
+                base: dict | None = None, translate=None) -> tuple[dict[str, Any], dict]:
     """Read `path` (or start from `base`), apply overrides and build one dataclass per section.
 
-    Returns ({section: instance}, resolved plain dict) — the dict is what checkpoints save.
+    translate(doc, [(key, value)]) -> (doc, pairs) rewrites another config dialect into ours before
+    anything is checked (see paper_config). Returns ({section: instance}, resolved plain dict) — the
+    dict is what checkpoints save.
     """
     doc = load_yaml(path) if path is not None else {}
-    doc = apply_overrides({**(base or {}), **doc}, overrides)
+    pairs = [parse_override(item) for item in overrides or []]
+    if translate is not None:
+        doc, pairs = translate(doc, pairs)
+    doc = apply_overrides({**(base or {}), **doc}, pairs)
     for key in doc:
         if key not in sections:
             raise ConfigError(f"unknown section {key} (known: {', '.join(sections)})")

@@ -18,7 +18,8 @@ from torch import nn
 
 from . import audio
 from .checkpoint import ModelLoadError, load_model, save_model
-from .config import ConfigError, load_config
+from .config import ConfigError
+from .paper_config import load_run_config
 from .model import PRESETS, ModelConfig, MOSModel
 from .sfi import fit_to_kernel
 from .teachers import SAMPLE_RATE, Teacher, Wav2Vec2Teacher, load_teacher
@@ -31,7 +32,7 @@ DEFAULT_RATES = [8000, 16000, 22050, 24000, 32000, 44100, 48000]
 class DistillModel:
     """The `model:` section."""
 
-    teacher: str = "facebook/wav2vec2-base"  # "distillmos", a local HF folder / torchaudio .pt file, or a hub id
+    teacher: str = "facebook/wav2vec2-base"  # "distillmos", a local HF folder / torchaudio .pt file, torchaudio:BUNDLE, or a hub id
     teacher_kind: str = "auto"  # auto | wav2vec2 | distillmos
     student: str = "small"  # preset (tiny/small/base) for the head, dropouts and any part not taken from the teacher
     init_from_teacher: bool = True  # wav2vec2 teachers: copy the backbone's shape and weights, fit the SFI layer
@@ -70,21 +71,9 @@ class DistillModel:
     # against the student's own reference-rate outputs for the same audio: the teacher's targets say what a
     # clip is worth, this term says it is worth the same at every rate (0: off).
     consistency_weight: float = 0.0
-    # Rates left out of that term: their batches take the teacher's targets alone. At 8 kHz the own 16 kHz
-    # output for the same narrowband audio disagrees with the full-band targets of a wideband clip, and the
-    # term holds the 8 kHz answer halfway between the two.
-    consistency_unpaired_rates: list[int] = field(default_factory=list)
-    # At consistency_rates, an item whose band fits below the rate's Nyquist loses nothing there: it keeps the
-    # teacher's full-band targets (plus consistency_weight x the gap to the own output), and only wider items
-    # are taught by the student alone. Needs full_targets_when_band_fits.
-    consistency_keeps_fitting: bool = False
     # Start from another distillation run's weights (its checkpoint folder, e.g. runs/x/last: student and
     # projections) or from a model (folder or name: the student only), with a fresh optimizer and schedule.
     init_from: str | None = None
-    # Train the MOS head alone on the frozen backbone (eval mode, no gradient): the distilled features stay
-    # as they are and the head learns the teacher's MOS from them at every rate (a joint run weighs the MOS
-    # a tenth of the frame losses). On the default model: docs/repro_runs/README.md, "The head refitted alone".
-    train_only_head: bool = False
 
 
 @dataclass
@@ -236,7 +225,7 @@ def present(clip: Clip, start: int, stop: int, sr: int, full_when_fits: bool = F
     else:
         k = int(round(start / (FRAME_S * clip.info.sample_rate)))
         f = feats[k: k + int(math.ceil((stop - start) / (FRAME_S * clip.info.sample_rate))) + 1].float()
-    return y, y16, min(clip.bandwidth_hz, sr / 2), math.nan if label is None else label, f, yref, fits
+    return y, y16, min(clip.bandwidth_hz, sr / 2), math.nan if label is None else label, f, yref
 
 
 def frame_start(clip: Clip, off: int) -> int:
@@ -263,13 +252,12 @@ def collate(items: list[tuple], sr: int) -> dict:
     return {"wave": wave, "lengths": lengths, "sr": sr, "wave16": wave16, "lengths16": lengths16,
             "wave_ref": wave_ref, "lengths_ref": lengths_ref,
             "bandwidth_hz": torch.tensor([i[2] for i in items]), "teacher_mos": torch.tensor([i[3] for i in items]),
-            "teacher_feats": feats, "teacher_frames": torch.tensor([i[4].shape[0] for i in items]),
-            "fits": torch.tensor([i[6] for i in items], dtype=torch.bool)}
+            "teacher_feats": feats, "teacher_frames": torch.tensor([i[4].shape[0] for i in items])}
 
 
 def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size: int, rank: int, world: int,
                  seed: int, start: int, workers: int = 0, full_when_fits: bool = False,
-                 consistency: tuple = ((), 0, False, False, ())):
+                 consistency: tuple = ((), 0, False)):
     """Endless batches; global batch g holds items g*B*world + [0, B*world), this rank takes its slice.
 
     Everything (rate, file order per epoch, crop) is a pure function of (seed, position), so the
@@ -309,12 +297,11 @@ def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size:
             yield out
 
 
-def reference(sr: int, self_taught: list[int], ref_rate: int, paired: bool,
-              keeps_fitting: bool, unpaired: list[int] = ()) -> tuple[int | None, bool]:
+def reference(sr: int, self_taught: list[int], ref_rate: int, paired: bool) -> tuple[int | None, bool]:
     """present()'s (reference_rate, self_taught) for a batch at `sr`."""
     taught = sr in self_taught
-    paired = paired and sr != ref_rate and sr not in unpaired
-    return (ref_rate if taught or paired else None), taught and not keeps_fitting
+    paired = paired and sr != ref_rate
+    return (ref_rate if taught or paired else None), taught
 
 
 # --- student --------------------------------------------------------------------------------
@@ -361,13 +348,9 @@ def init_from_teacher(student: MOSModel, teacher: Wav2Vec2Teacher, fit_steps: in
 class Distiller(nn.Module):
     """The trained module: the student plus a linear projection per layer pair where widths differ."""
 
-    def __init__(self, student: MOSModel, pairs: list[list[int]], teacher_dims: list[int],
-                 only_head: bool = False):
+    def __init__(self, student: MOSModel, pairs: list[list[int]], teacher_dims: list[int]):
         super().__init__()
-        self.student, self.pairs, self.only_head = student, pairs, only_head
-        if only_head:
-            for name, p in student.named_parameters():
-                p.requires_grad_(name.startswith("head."))
+        self.student, self.pairs = student, pairs
         sdims = [student.cfg.conv_layers[-1][0] if student.cfg.conv_layers else student.cfg.sfi_channels] + \
             [student.cfg.embed_dim] * student.cfg.num_layers
         self.proj = nn.ModuleList(nn.Identity() if sdims[s] == teacher_dims[t] else nn.Linear(sdims[s], teacher_dims[t])
@@ -380,20 +363,10 @@ class Distiller(nn.Module):
         head_layer = s.cfg.head_layer % s.cfg.num_layers
         if want_mos:
             depth = max(depth, head_layer + 1)
-        x, n = s.conv_features(wave, lengths, sr)  # only_head: no parameter here requires grad, so no graph
+        x, n = s.conv_features(wave, lengths, sr)
         layers = [x, *(s.encoder.extract_features(x, n, depth) if depth else [])]
         mos = s.head(layers[head_layer + 1], n).sum(1) / n.clamp(min=1) if want_mos else None
         return [proj(layers[si]) for proj, (si, _) in zip(self.proj, self.pairs)], n, mos
-
-    def train(self, mode: bool = True) -> "Distiller":
-        """With only_head the frozen backbone stays in eval mode: the head learns from the features (no
-        dropout) that scoring gives it."""
-        super().train(mode)
-        if self.only_head:
-            for name, child in self.student.named_children():
-                if name != "head":
-                    child.eval()
-        return self
 
 
 def feature_loss(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,14 +400,7 @@ class DistillTask:
             raise ConfigError(f"model.consistency_reference_rate: {m.consistency_reference_rate} outside "
                               f"{audio.MIN_RATE}-{audio.MAX_RATE} Hz")
         self.m, self.data, self.trainer = m, data, trainer
-        if m.consistency_keeps_fitting and not m.full_targets_when_band_fits:
-            raise ConfigError("model.consistency_keeps_fitting needs model.full_targets_when_band_fits: true")
-        for r in m.consistency_unpaired_rates:
-            if r not in data.rates or r in m.consistency_rates:
-                raise ConfigError(f"model.consistency_unpaired_rates: {r} must be one of data.rates and not one "
-                                  f"of model.consistency_rates")
-        self.consistency = (m.consistency_rates, m.consistency_reference_rate, m.consistency_weight > 0,
-                            m.consistency_keeps_fitting, m.consistency_unpaired_rates)
+        self.consistency = (m.consistency_rates, m.consistency_reference_rate, m.consistency_weight > 0)
         labels = read_teacher_labels(m.teacher_labels) if m.teacher_labels else None
         feats, cached_layer = None, None
         if m.teacher_features:
@@ -488,10 +454,7 @@ class DistillTask:
                 raise ConfigError(f"model.layers: pair [{s}, {t}] out of range (student 0-{student.cfg.num_layers}, "
                                   f"teacher 0-{len(tdims) - 1})")
         self.use_mos = (self.teacher is None or self.teacher.has_mos) and m.mos_weight > 0
-        if m.train_only_head and (pairs or not self.use_mos):
-            raise ConfigError("model.train_only_head: the frozen backbone learns no features and the head needs the "
-                              "teacher's MOS; set layers: [] and a mos_weight above 0")
-        self.model = Distiller(student, [list(p) for p in pairs], tdims, m.train_only_head)
+        self.model = Distiller(student, [list(p) for p in pairs], tdims)
         if m.init_from:
             self.init_info["init_from"] = self.load_init(m.init_from)
 
@@ -531,14 +494,17 @@ class DistillTask:
                             seed, start, self.data.workers, self.m.full_targets_when_band_fits,
                             self.consistency)
 
+    def steps_per_epoch(self, world: int) -> int:
+        """Steps in one pass over the clips: each is seen once, as one random crop at one rate."""
+        return math.ceil(len(self.clips) / (self.trainer.batch_size * world * self.trainer.grad_accum))
+
     def audio_seconds(self, batch: dict) -> float:
         return float(batch["lengths"].sum()) / batch["sr"]
 
     def item_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per-item loss terms (B,) so that averages over ranks equal averages over the global batch."""
         own = self.own_targets(batch) if batch["wave_ref"].numel() else None
-        self_taught = batch["sr"] in self.m.consistency_rates
-        if self_taught and not self.m.consistency_keeps_fitting:
+        if batch["sr"] in self.m.consistency_rates:
             t = own
         elif self.teacher is None:  # cached labels (and frames, at the index the pairs name)
             t = {"mos": batch["teacher_mos"], "lengths": batch["teacher_frames"],
@@ -549,10 +515,6 @@ class DistillTask:
         feats, n, mos = self.model(batch["wave"], batch["lengths"], batch["sr"], self.use_mos)
         out = self.terms(feats, n, mos, t)
         pair = self.terms(feats, n, mos, own) if own is not None and t is not own else None
-        if pair is not None and self_taught:  # consistency_keeps_fitting: wider items take their own targets only
-            wide = ~batch["fits"].to(n.device)
-            out = {k: torch.where(wide, pair[k], v) for k, v in out.items()}
-            pair = {k: torch.where(wide, torch.zeros_like(v), v) for k, v in pair.items()}
         if self.m.consistency_weight > 0:  # logged on every batch (0 where there is no pair) to keep means whole
             out["consistency"] = pair["loss"] if pair else torch.zeros_like(out["loss"])
             out["loss"] = out["loss"] + self.m.consistency_weight * out["consistency"]
@@ -626,14 +588,17 @@ class DistillTask:
         save_model(self.model.student, folder, meta)
 
 
-def run(config: str | os.PathLike | None, overrides: list[str] | None = None, resume: bool = False,
-        teacher: Teacher | None = None, overwrite: bool = False) -> dict:
+def resolve(config: str | os.PathLike | None, overrides: list | None = None) -> tuple[dict, dict, str | None]:
+    """Our run config or the paper's -> (built sections, resolved dict, note on the paper's ignored keys)."""
+    return load_run_config("distill", config, overrides, SECTIONS)
+
+
+def run(config: str | os.PathLike | None, overrides: list | None = None, resume: bool = False,
+        teacher: Teacher | None = None, log=print, overwrite: bool = False) -> dict:
     """`utmos distill`: read the config, build the task and train. Returns fit's summary."""
-    built, resolved = load_config(config, overrides, SECTIONS)
-    try:
-        built["trainer"].validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    built, resolved, note = resolve(config, overrides)
+    if note:
+        log(note)
     check_out_dir(built["trainer"].out_dir, resume, overwrite)  # before the teacher and the data load
     task = DistillTask(built["model"], built["data"], built["trainer"], teacher)
     summary = fit(task, built["trainer"], resolved, resume=resume, overwrite=overwrite,

@@ -19,10 +19,11 @@ import torch
 
 from . import audio
 from .checkpoint import ModelLoadError, atomic_write, load_model, save_model
-from .config import ConfigError, build, load_config
+from .config import ConfigError, build
 from .labels import LAYOUTS, LabelError, Utterance, read_labels
 from .metrics import mos_metrics
 from .model import PRESETS, MOSModel, clip_mos
+from .paper_config import load_run_config
 from .train import TrainConfig, check_out_dir, fit
 
 PREDICTION_COLUMNS = ["path", "sample_rate", "duration_s", "mos", "error", "true_mos", "system"]
@@ -56,6 +57,7 @@ class FinetuneData:
 
     train: list[dict] = field(default_factory=list)  # Corpus mappings
     valid: list[dict] = field(default_factory=list)  # Corpus mappings; empty: no validation
+    wav_root: str | None = None  # relative audio paths of corpora without their own wav_root (default: the list's folder)
     scale: list[float] = field(default_factory=lambda: [1.0, 5.0])  # labels outside [lo, hi] are bad rows
     crop_s: float = 4.0  # random crop of at most this many seconds (0: whole files)
     gain_db: float = 3.0  # random gain, uniform in +-gain_db
@@ -214,10 +216,17 @@ class FinetuneTask:
         x = audio.read_segment(info, start, min(n, start + crop))
         return x * np.float32(10 ** (rng.uniform(-self.d.gain_db, self.d.gain_db) / 20)) if self.d.gain_db else x
 
+    def _batches_per_epoch(self, world: int) -> int:
+        """Micro-batches of one rank in one pass over the items (the same count every epoch)."""
+        return len(plan_batches(self.by_rate, self.trainer.batch_size, np.random.default_rng(0))) // world
+
+    def steps_per_epoch(self, world: int) -> int:
+        return math.ceil(self._batches_per_epoch(world) / self.trainer.grad_accum)
+
     def batches(self, rank: int, world: int, seed: int, start: int):
         """Endless, deterministic: batch b of rank r depends only on (seed, b, r), so resume skips `start`."""
         bs = self.trainer.batch_size
-        per_epoch = len(plan_batches(self.by_rate, bs, np.random.default_rng(0))) // world
+        per_epoch = self._batches_per_epoch(world)
         if per_epoch == 0:
             raise LabelError(f"too few training items ({len(self.items)}) for {world} rank(s)")
         b = start
@@ -325,18 +334,23 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
 
 
 # --- entry point -----------------------------------------------------------------------------
-def run(config: str | os.PathLike | None, overrides: list[str] | None = None, init: str | None = None,
+def resolve(config: str | os.PathLike | None, overrides: list | None = None, init: str | None = None,
+            wav_root: str | None = None) -> tuple[dict, dict, str | None]:
+    """Our run config or the paper's, with --init and --wav-root applied last -> (built sections,
+    resolved dict, note on the paper's ignored keys)."""
+    last = [("model.init", init)] if init is not None else []
+    last += [("data.wav_root", wav_root)] if wav_root is not None else []
+    return load_run_config("finetune", config, [*(overrides or []), *last], SECTIONS)
+
+
+def run(config: str | os.PathLike | None, overrides: list | None = None, init: str | None = None,
         wav_root: str | None = None, skip_bad_rows: bool = False, resume: bool = False, log=print,
         overwrite: bool = False) -> dict:
     """`utmos finetune`: read the config and labels, build the task, train. Returns fit's summary."""
-    built, resolved = load_config(config, overrides, SECTIONS)
+    built, resolved, note = resolve(config, overrides, init, wav_root)
+    if note:
+        log(note)
     m, d, l, trainer = built["model"], built["data"], built["loss"], built["trainer"]
-    if init is not None:
-        m.init = resolved["model"]["init"] = init
-    try:
-        trainer.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     check_out_dir(trainer.out_dir, resume, overwrite)  # before the labels and the model load
     if not d.train:
         raise ConfigError("data.train: no training corpus (a list of {csv: ..., wav_root: ..., domain: ...})")
@@ -345,8 +359,8 @@ def run(config: str | os.PathLike | None, overrides: list[str] | None = None, in
     if d.select_mode not in ("max", "min"):
         raise ConfigError(f"data.select_mode: 'max' or 'min', got {d.select_mode!r}")
     scale = (d.scale[0], d.scale[1])
-    train = load_corpora(d.train, "data.train", wav_root, scale, skip_bad_rows, log)
-    valid = load_corpora(d.valid, "data.valid", wav_root, scale, skip_bad_rows, log) if d.valid else []
+    train = load_corpora(d.train, "data.train", d.wav_root, scale, skip_bad_rows, log)
+    valid = load_corpora(d.valid, "data.valid", d.wav_root, scale, skip_bad_rows, log) if d.valid else []
     if valid and any(u.domain != 0 for u in valid):
         log("note: `utmos score` predicts with domain 0; validation here uses each corpus's own domain id")
     if valid and d.select_metric.startswith("sys_") and len({u.system for u in valid}) < 3:

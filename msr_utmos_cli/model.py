@@ -72,7 +72,7 @@ def tiny() -> ModelConfig:
 
 
 def small() -> ModelConfig:
-    """Released default size: 3M parameters. Chosen by measurement (benchmarks in the README): the
+    """Released default size: 3M parameters. Chosen by measurement (docs/sfi.md, "Model sizes"): the
     conv stack runs at 3200-100 frames/s and dominates CPU time, so it starts narrow (64 channels)
     and widens as the frame rate falls; ~50 audio s/s on 2 CPU cores vs ~8 for 256 channels throughout."""
     return ModelConfig(sfi_channels=64, conv_layers=[[128, 3, 2], [128, 3, 2], [256, 3, 2], [256, 3, 2],
@@ -132,9 +132,9 @@ class MOSHead(nn.Module):
                                   nn.Dropout(cfg.head_dropout), nn.Linear(cfg.head_hidden, 1))
         nn.init.constant_(self.proj[-1].bias, 3.0)  # start mid-scale so an untrained head is not clipped
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor, domain: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None, domain: torch.Tensor | None = None,
                 listener: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, F, D), lengths (B,) -> per-frame scores (B, F); padded frames are 0."""
+        """x (B, F, D), lengths (B,) -> per-frame scores (B, F); padded frames are 0. lengths None: no padding."""
         B, F, _ = x.shape
         extra = []
         for emb, ids in ((self.domain, domain), (self.listener, listener)):
@@ -142,6 +142,8 @@ class MOSHead(nn.Module):
                 ids = torch.zeros(B, dtype=torch.long, device=x.device) if ids is None else ids
                 extra.append(emb(ids)[:, None, :].expand(B, F, -1))
         x = torch.cat([x, *extra], dim=-1) if extra else x
+        if lengths is None:  # every frame valid (the fixed-length ONNX graph): nothing to pack
+            return self.proj(self.lstm(x)[0]).squeeze(-1)
         # Packing makes the backward direction start at each item's own last frame.
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True,
                                                    enforce_sorted=False)
@@ -235,9 +237,6 @@ class MOSModel(nn.Module):
         from .scoring import score_files
 
         return list(score_files(self, paths, window_s=window_s, channel=channel))
-
-    def config_dict(self) -> dict:
-        return self.cfg.to_dict()
 
 
 def clip_mos(x: torch.Tensor) -> torch.Tensor:

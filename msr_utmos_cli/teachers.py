@@ -164,8 +164,32 @@ def load_torchaudio_file(path: str | os.PathLike, params: dict | None = None) ->
     return _build(params, state, str(path), path.stem)
 
 
+def load_torchaudio_bundle(name: str) -> Wav2Vec2Teacher:
+    """A torchaudio pipeline such as WAV2VEC2_BASE or HUBERT_BASE. Its weights come from torch hub's cache
+    ($TORCH_HOME/hub/checkpoints, downloaded there once when missing) and are read weights-only."""
+    from torchaudio import pipelines
+
+    bundle = getattr(pipelines, name, None)
+    usable = isinstance(bundle, pipelines.Wav2Vec2Bundle) and getattr(bundle, "_model_type", None) == "Wav2Vec2"
+    if not usable or bundle._normalize_waveform:  # the large ones normalise the waveform first: not a teacher yet
+        known = sorted(n for n, b in vars(pipelines).items() if isinstance(b, pipelines.Wav2Vec2Bundle)
+                       and getattr(b, "_model_type", None) == "Wav2Vec2" and not b._normalize_waveform)
+        raise TeacherError(f"teacher torchaudio:{name}: not a usable torchaudio wav2vec2 bundle "
+                           f"(usable: {', '.join(known)})")
+    try:
+        model = bundle.get_model(dl_kwargs={"weights_only": True, "progress": False})
+    except Exception as e:  # offline, torn file: one answer for the user
+        cause = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise TeacherError(f"teacher torchaudio:{name}: could not load its weights ({cause}); offline, put the file "
+                           f"{Path(bundle._path).name} in {Path(torch.hub.get_dir()) / 'checkpoints'}") from None
+    params = default_params(**{k: v for k, v in bundle._params.items() if "drop" not in k})
+    return Wav2Vec2Teacher(model, params, f"torchaudio:{name}")
+
+
 def load_wav2vec2(source: str, params: dict | None = None) -> Wav2Vec2Teacher:
-    """A local HF folder, a local torchaudio file, or a hub id like `facebook/wav2vec2-base`."""
+    """A local HF folder, a local torchaudio file, `torchaudio:BUNDLE`, or a hub id like `facebook/wav2vec2-base`."""
+    if source.startswith("torchaudio:"):
+        return load_torchaudio_bundle(source[len("torchaudio:"):])
     path = Path(source).expanduser()
     if path.is_dir():
         return load_hf_dir(path)

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -32,6 +32,7 @@ STATE_FILE = "trainer_state.pt"
 RUN_CONFIG = "run_config.yaml"
 PRECISIONS = ("auto", "fp32", "bf16")
 RUN_FILES = ("metrics.jsonl", "last", "best", ".last.old", ".best.old", ".last.tmp", ".best.tmp", "predictions.csv")
+DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor max_epochs is given
 
 
 class TrainingError(Exception):
@@ -58,7 +59,8 @@ class TrainConfig:
     """The `trainer:` section of a run config."""
 
     out_dir: str  # checkpoints (last/, best/) and metrics.jsonl go here
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int | None = None  # optimizer steps (1000 when max_epochs is not given either)
+    max_epochs: int | None = None  # passes over the training data; with max_steps, whichever ends first
     batch_size: int = 8  # examples per rank per micro-batch; global batch = batch_size * world * grad_accum
     grad_accum: int = 1  # micro-batches per optimizer step (bigger batches in the same memory)
     lr: float = 1e-4  # peak learning rate (groups may scale it with "lr_scale")
@@ -73,10 +75,14 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU
     patience: int = 0  # stop after this many validations without improvement (0: never)
 
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.max_epochs is None:
+            self.max_steps = DEFAULT_MAX_STEPS
+
     def validate(self) -> None:
-        positive = ("max_steps", "batch_size", "grad_accum", "ckpt_every", "log_every")
+        positive = ("max_steps", "max_epochs", "batch_size", "grad_accum", "ckpt_every", "log_every")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "valid_every", "patience"):
             if getattr(self, name) < 0:
@@ -86,9 +92,17 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the run: max_steps, or max_epochs whole epochs if that ends first."""
+        bounds = [self.max_steps] if self.max_steps is not None else []
+        if self.max_epochs is not None:
+            bounds.append(self.max_epochs * max(steps_per_epoch, 1))
+        return min(bounds)
+
 
 class Task(Protocol):
-    """What `fit` trains. Optional methods: validate, state, load_state, set_device, audio_seconds."""
+    """What `fit` trains. Optional methods: validate, state, load_state, set_device, audio_seconds,
+    steps_per_epoch(world) (optimizer steps in one pass over the training data; needed for max_epochs)."""
 
     model: torch.nn.Module  # the parameters that are optimised; fit averages their gradients across ranks
 
@@ -211,17 +225,13 @@ def load_trainer_state(folder: Path) -> dict:
 
 
 # --- the loop ----------------------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
 def _better(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
 def fit(task: Task, cfg: TrainConfig, run_config: dict, resume: bool = False,
         select_metric: str | None = None, select_mode: str = "max", overwrite: bool = False) -> dict:
-    """Train `task` for `cfg.max_steps` optimizer steps; returns a summary dict.
+    """Train `task` for `cfg.max_steps` optimizer steps (or `cfg.max_epochs` epochs); returns a summary dict.
 
     Under torchrun each rank draws its own batches (`task.batches(rank, world, ...)`) and the
     gradients are averaged over ranks before every step, so the global batch is the sum of the
@@ -236,6 +246,10 @@ def fit(task: Task, cfg: TrainConfig, run_config: dict, resume: bool = False,
     if select_mode not in ("max", "min"):
         raise ValueError(f"select_mode must be 'max' or 'min', got {select_mode!r}")
     rank, world, local_rank = _dist_env()
+    if cfg.max_epochs is not None:  # from here on max_steps is the run's length in steps
+        if not hasattr(task, "steps_per_epoch"):
+            raise TrainingError("trainer.max_epochs: this task counts steps only; set trainer.max_steps")
+        cfg = replace(cfg, max_steps=cfg.total_steps(task.steps_per_epoch(world)))
     device = _device(cfg.device, local_rank)
     own_group = False
     if world > 1 and not dist.is_initialized():
@@ -362,7 +376,7 @@ def fit(task: Task, cfg: TrainConfig, run_config: dict, resume: bool = False,
     stream = task.batches(rank, world, cfg.seed, step * cfg.grad_accum)
     audio_s = getattr(task, "audio_seconds", None)
     valid_every = cfg.valid_every or cfg.ckpt_every
-    summary = {"out_dir": str(out_dir), "interrupted": False, "early_stopped": False}
+    summary = {"out_dir": str(out_dir), "interrupted": False, "early_stopped": False, "max_steps": cfg.max_steps}
     model.train()
     t0, window_audio, window_loss, window_n, last_good = time.perf_counter(), 0.0, {}, 0, step
     if window is not None:
@@ -450,12 +464,3 @@ def threading_main() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP/compile wrapper (fit itself never wraps)."""
-    return getattr(model, "module", getattr(model, "_orig_mod", model))
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

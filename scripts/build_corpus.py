@@ -1,4 +1,4 @@
-"""Build a deterministic multi-rate speech-quality corpus from offline Debian sources (issue 6).
+"""Build a deterministic multi-rate speech-quality corpus from offline Debian sources.
 
 Sources: the English Asterisk prompts (real studio speech, 8 kHz), Debian synthesizers (espeak-ng
 22.05 kHz, festival diphone 16 kHz and HTS 32 kHz, flite 8/16 kHz) speaking a fixed list of generated
@@ -9,7 +9,7 @@ then presented at a sampling rate drawn from RATES. Upsampling is band-limited (
 
     python scripts/build_corpus.py --out corpus/ --seed 0 [--max-clips N] [--rate-ladder]
     python scripts/build_corpus.py --examples examples/
-    python scripts/build_corpus.py --fingerprint corpus/    # compare a build with the model card's
+    python scripts/build_corpus.py --fingerprint corpus/    # compare with the digests in docs/training.md
 
 It runs scripts/install_corpus_tools.sh (apt-get) first when a tool, voice or codec is missing
 (--no-install: build from what exists). Same seed -> identical manifest and audio.
@@ -682,7 +682,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-install", action="store_true",
                     help="do not run scripts/install_corpus_tools.sh when a tool, voice or codec is missing")
     ap.add_argument("--fingerprint", type=Path, default=None, metavar="DIR",
-                    help="print the fingerprint of the build in DIR (compare with the model card) and stop")
+                    help="print the fingerprint of the build in DIR (compare with docs/training.md) and stop")
     a = ap.parse_args(argv)
     if a.fingerprint:
         if not (a.fingerprint / "manifest.csv").is_file():

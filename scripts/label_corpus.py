@@ -1,4 +1,4 @@
-"""Label the issue-6 corpus (corpus/manifest.csv) with a documented rule, for fine-tuning experiments.
+"""Label the corpus of build_corpus.py (corpus/manifest.csv) with a documented rule, for fine-tuning experiments.
 
 The corpus has no listening test, so the labels are a stand-in: a fixed function of how each clip
 was made. They test whether the fine-tuning pipeline learns graded quality, not human naturalness.

@@ -1,4 +1,4 @@
-"""Hostile audio files for robustness tests and benchmarks: broken headers, odd formats, odd paths.
+"""Hostile audio files for robustness tests: broken headers, odd formats, odd paths.
 
     from hostile import make_suite, wav_header
     cases = make_suite(tmp_dir)          # [Case(name, path, expect, cause)]
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-TWO_HOURS_S = 2 * 3600
+from msr_utmos_cli.testing import write_long_wav
 
 
 @dataclass(frozen=True)
@@ -53,20 +53,6 @@ def speech(sr: int, seconds: float, seed: int = 0) -> np.ndarray:
     x = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6) if f0 * k < sr / 2)
     x = x * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t)) + 0.01 * rng.standard_normal(t.shape)
     return (0.4 * x / (np.abs(x).max() + 1e-9)).astype(np.float32)
-
-
-def write_long_wav(path: str | os.PathLike, sr: int = 8000, seconds: float = TWO_HOURS_S,
-                   block_s: float = 60.0) -> None:
-    """A long 16-bit WAV written block by block (a hand-written header, then speech blocks), so
-    making a 2-hour file never holds more than one block in memory."""
-    frames = int(sr * seconds)
-    block = (speech(sr, block_s, seed=7) * 32767).astype("<i2").tobytes()
-    with open(path, "wb") as f:
-        f.write(wav_header(sr, 1, 16, frames * 2))
-        left = frames * 2
-        while left > 0:
-            f.write(block[:left])
-            left -= min(left, len(block))
 
 
 def _pcm(path, x, sr, subtype, fmt=None):

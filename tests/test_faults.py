@@ -110,10 +110,13 @@ def test_broken_model_is_one_line_error_naming_the_file(case, tiny_model_dir, tm
     edit, culprit, cause = BROKEN_MODELS[case]
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
-    if edit is None:  # weights of the small preset under a tiny config
+    if edit is None:  # weights of the small preset under a tiny config that records no SHA-256 (before 0.2.0)
         torch.manual_seed(0)
         save_model(MOSModel(PRESETS["small"]()), tmp_path / "small")
         shutil.copy(tmp_path / "small" / WEIGHTS, folder / WEIGHTS)
+        doc = json.loads((folder / CONFIG).read_text())
+        del doc["weights_sha256"]
+        (folder / CONFIG).write_text(json.dumps(doc))
     else:
         edit(folder)
     with pytest.raises(ModelLoadError) as e:

@@ -20,8 +20,7 @@ from msr_utmos_cli.config import load_config
 from msr_utmos_cli.labels import Utterance
 from msr_utmos_cli.audio import AudioInfo
 from msr_utmos_cli.train import TrainConfig
-
-from conftest import speechlike
+from msr_utmos_cli.testing import speechlike
 
 CLIP_S = 0.4
 

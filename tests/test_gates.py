@@ -21,7 +21,7 @@ from msr_utmos_cli import MOSModel, PRESETS, __version__, save_model
 from msr_utmos_cli.cli import app
 from msr_utmos_cli.output import COLUMNS, CSV_HEADER, JSONL_KEYS
 
-from conftest import speechlike
+from msr_utmos_cli.testing import speechlike
 
 HEADER = (CSV_HEADER + "\n").encode()
 
@@ -227,7 +227,7 @@ def test_report_refuses_an_unwritable_output_before_any_work(tts, tiny_model_dir
 
 
 # --- the CLI as people expect it ---------------------------------------------------------------
-@pytest.mark.parametrize("command", ["score", "distill", "finetune", "report"])
+@pytest.mark.parametrize("command", ["score", "distill", "finetune", "export", "report"])
 def test_help_shows_readable_types_and_an_example(command):
     r = run(command, "--help")
     assert r.exit_code == 0 and "Example" in r.output and f"utmos {command}" in r.output

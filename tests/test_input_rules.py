@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from msr_utmos_cli import AudioError, load_model, score_files
 from msr_utmos_cli.cli import app
 
-from conftest import speechlike
+from msr_utmos_cli.testing import speechlike
 
 X = speechlike(16000, 1.0)
 STEREO = np.stack([speechlike(16000, 1.0, 1), speechlike(16000, 1.0, 2)], 1)  # (T, C) as soundfile.read gives

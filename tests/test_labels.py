@@ -5,8 +5,7 @@ import pytest
 import soundfile as sf
 
 from msr_utmos_cli.labels import LabelError, read_labels
-
-from conftest import speechlike
+from msr_utmos_cli.testing import speechlike
 
 
 @pytest.fixture

@@ -1,17 +1,18 @@
 """Model invariants: padding/batching never changes a score; checkpoints round-trip; the API is one call."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from msr_utmos_cli import ModelLoadError, MOSModel, PRESETS, load_model, save_model
 from msr_utmos_cli.checkpoint import CONFIG, WEIGHTS
 from msr_utmos_cli.scoring import score_waveforms
-
-from conftest import speechlike
+from msr_utmos_cli.testing import random_model, speechlike
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +71,38 @@ def test_score_api_shapes_and_range(model):
         model.score(np.zeros(10, np.float32), 16000)
 
 
-def test_long_input_is_windowed_with_bounded_windows(model):
+def test_long_input_is_windowed_with_bounded_windows(model, monkeypatch):
     """A 50 s input with 20 s windows is scored as 3 windows; the result stays close to one long pass."""
+    seen = []
+    forward = model.frame_scores
+
+    def spy(wave, lengths, sr, *args):
+        seen.append(int(lengths[0]))
+        return forward(wave, lengths, sr, *args)
+
+    monkeypatch.setattr(model, "frame_scores", spy)
     x = speechlike(16000, 50.0, seed=5)
     windowed = model.score(x, 16000, window_s=20.0).item()
+    assert len(seen) == 3 and sum(seen) == x.shape[0] and max(seen) <= 20 * 16000, seen
+    seen.clear()
     whole = model.score(x, 16000, window_s=60.0).item()
+    assert seen == [x.shape[0]]
     assert abs(windowed - whole) < 0.05
 
 
 def test_extract_features_masks_padding(model):
+    """An item's valid frames at every layer are the same alone as beside a longer item, whatever its padding
+    holds (loud noise here, so anything that leaks from it shows)."""
     x = torch.from_numpy(speechlike(24000, 1.0))
+    short = torch.from_numpy(speechlike(24000, 0.5, seed=1))
+    padded = torch.cat([short, torch.randn(x.shape[0] - short.shape[0])])  # (T,): valid half + noise
     with torch.no_grad():
-        feats, n = model.extract_features(torch.stack([x, torch.zeros_like(x)]), torch.tensor([24000, 12000]), 24000)
-    assert len(feats) == model.cfg.num_layers
-    assert feats[0].shape[:2] == (2, n[0].item()) and n[1] < n[0]
+        feats, n = model.extract_features(torch.stack([x, padded]), torch.tensor([x.shape[0], short.shape[0]]), 24000)
+        alone, n_alone = model.extract_features(short[None], None, 24000)
+    assert len(feats) == len(alone) == model.cfg.num_layers
+    assert feats[0].shape[:2] == (2, n[0].item()) and n[1] == n_alone[0] < n[0]
+    for batched, single in zip(feats, alone):
+        torch.testing.assert_close(batched[1, :n[1]], single[0], atol=1e-5, rtol=1e-4)
 
 
 def test_checkpoint_roundtrip_is_safetensors_and_json(tmp_path):
@@ -97,6 +116,45 @@ def test_checkpoint_roundtrip_is_safetensors_and_json(tmp_path):
     assert not loaded.training
     x = speechlike(44100, 1.0)
     assert torch.equal(m.score(x, 44100), loaded.score(x, 44100))
+
+
+def test_weights_are_checked_against_the_sha256_in_config(tmp_path):
+    """config.json records the weights' SHA-256; a weights file changed by one value still parses and fits
+    the architecture, and is refused in one line naming it, by the API and the CLI; the unchanged one loads."""
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from msr_utmos_cli.cli import app
+
+    folder = random_model(tmp_path / "m")
+    doc = json.loads((folder / CONFIG).read_text())
+    assert doc["weights_sha256"] == hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
+    x = speechlike(16000, 1.0)
+    good = load_model(folder, "cpu").score(x, 16000)
+    state = load_file(folder / WEIGHTS)
+    key = sorted(state)[0]
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] += 1.0
+    save_file(state, str(folder / WEIGHTS))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(folder, "cpu")
+    msg = str(e.value)
+    assert str(folder / WEIGHTS) in msg and "SHA-256" in msg and "\n" not in msg
+    sf.write(tmp_path / "a.wav", x, 16000)
+    r = CliRunner().invoke(app, ["score", str(tmp_path / "a.wav"), "--model", str(folder)])
+    assert r.exit_code == 2 and "Traceback" not in r.output and str(folder / WEIGHTS) in r.output
+    del doc["weights_sha256"]  # a folder written before 0.2.0 records none: it loads unchecked
+    (folder / CONFIG).write_text(json.dumps(doc))
+    assert not torch.equal(load_model(folder, "cpu").score(x, 16000), good)
+
+
+def test_bundled_model_records_its_weights_sha256():
+    from msr_utmos_cli.checkpoint import models_dir, weights_sha256
+
+    folder = models_dir() / "msr-utmos-small-distillmos"
+    doc = json.loads((folder / CONFIG).read_text())
+    assert doc["weights_sha256"] == weights_sha256(folder / WEIGHTS)
+    assert doc["metadata"]["model_version"] == "1.0.0"
 
 
 def test_sfi_mute_flag_is_saved_and_old_configs_load_muted(tmp_path):

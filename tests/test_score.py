@@ -11,8 +11,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from msr_utmos_cli.cli import app
-
-from conftest import speechlike
+from msr_utmos_cli.testing import speechlike
 
 RATES = [8000, 16000, 22050, 24000, 44100, 48000]
 
