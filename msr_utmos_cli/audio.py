@@ -137,6 +137,60 @@ def read_segment(info: AudioInfo, start: int, stop: int, channel: int | None = N
     return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
+@dataclass(frozen=True)
+class Span:
+    """What of a file the model hears: samples [start, stop), multiplied by gain; peak of the whole file."""
+
+    start: int
+    stop: int
+    gain: float
+    peak: float
+
+
+def input_span(read, frames: int, sr: int, rms_db: float | None, trim_db: float | None,
+               pad_s: float = 0.1, need: int = 0) -> Span:
+    """The level and silence rule a model was trained with, applied to any input before scoring.
+
+    Leading and trailing samples below `trim_db` re the peak are cut, keeping `pad_s` either side
+    (padding with silence then leaves the score alone), and the rest is scaled to `rms_db` dBFS RMS,
+    lowered where the peak would pass 0.99 (so the level a file was rendered at leaves it alone too).
+    Both are ratios to the file's own peak and energy, hence the same for the file at any gain.
+    `read(a, b)` returns samples [a, b) as float32 (T,): files are read block by block, never whole.
+    """
+    blocks = [(a, min(a + READ_BLOCK, frames)) for a in range(0, frames, READ_BLOCK)]
+    peak = max((float(np.abs(read(a, b)).max(initial=0.0)) for a, b in blocks), default=0.0)
+    start, stop = 0, frames
+    if trim_db is not None and peak > 0:
+        thr = peak * 10 ** (trim_db / 20)
+        first = next(a + int(np.argmax(np.abs(x) > thr)) for a, b in blocks if (np.abs(x := read(a, b)) > thr).any())
+        last = next(a + int(np.flatnonzero(np.abs(x) > thr)[-1]) for a, b in reversed(blocks)
+                    if (np.abs(x := read(a, b)) > thr).any())
+        pad = int(pad_s * sr)
+        start, stop = max(first - pad, 0), min(last + 1 + pad, frames)
+        if stop - start < need:  # too short once trimmed: widen about the middle, within the file
+            mid = (start + stop) // 2
+            start = max(0, min(mid - need // 2, frames - need))
+            stop = min(frames, start + need)
+    gain = 1.0
+    if rms_db is not None and peak > 0:
+        energy = sum(float(np.square(read(a, min(a + READ_BLOCK, stop)), dtype=np.float64).sum())
+                     for a in range(start, stop, READ_BLOCK))
+        rms = math.sqrt(energy / max(stop - start, 1))
+        gain = min(10 ** (rms_db / 20) / max(rms, 1e-12), 0.99 / peak)
+    return Span(start, stop, gain, peak)
+
+
+def band_limit(wave: torch.Tensor, sr: int, cutoff_hz: float) -> torch.Tensor:
+    """Remove content above `cutoff_hz` by a band-limited down/up resampling round trip. (..., T) -> (..., T)."""
+    inner = int(2 * cutoff_hz)
+    if inner >= sr:
+        return wave
+    g = math.gcd(sr, inner)
+    y = AF.resample(AF.resample(wave, sr // g, inner // g), inner // g, sr // g)
+    return y[..., : wave.shape[-1]] if y.shape[-1] >= wave.shape[-1] else torch.nn.functional.pad(
+        y, (0, wave.shape[-1] - y.shape[-1]))
+
+
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     """Band-limited resampling (torchaudio's windowed sinc). (..., T) -> (..., T')."""
     if orig_sr == new_sr:

@@ -50,6 +50,10 @@ class ModelConfig:
     domain_dim: int = 0  # 0: no domain embedding
     num_listeners: int = 0
     listener_dim: int = 0  # 0: no listener embedding; id 0 is the "mean listener" used for prediction
+    # Input rule (audio.input_span): edge silence below input_trim_db re the peak is cut and the rest scaled
+    # to input_rms_db dBFS RMS before scoring, as the training clips were; None leaves the input as it is.
+    input_rms_db: float | None = None
+    input_trim_db: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

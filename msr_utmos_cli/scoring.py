@@ -20,8 +20,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .audio import (AUDIO_EXTENSIONS, NAN_ERROR, SILENCE_PEAK, SILENT_ERROR, AudioError, check_rate, probe,
-                    read_segment, to_float32, to_mono)
+from .audio import (AUDIO_EXTENSIONS, NAN_ERROR, SILENCE_PEAK, SILENT_ERROR, AudioError, Span, check_rate,
+                    input_span, probe, read_segment, to_float32, to_mono)
 from .model import MOSModel, clip_mos
 
 DEFAULT_WINDOW_S = 20.0
@@ -156,6 +156,18 @@ def as_waveforms(wave, sr: int, need: int, channel: int | None = None,
     return [to_mono(x if channel_axis % 2 else x.T, channel)]
 
 
+def span_for(model: MOSModel, read, frames: int, sr: int) -> Span:
+    """The part of an input the model hears and its gain: the model's input rule, if it has one."""
+    c = model.cfg
+    if c.input_rms_db is None and c.input_trim_db is None:
+        return Span(0, frames, 1.0, -1.0)  # peak unknown until the windows are read
+    return input_span(read, frames, sr, c.input_rms_db, c.input_trim_db, need=min_samples(model, sr))
+
+
+def _gained(x: np.ndarray, gain: float) -> np.ndarray:
+    return x if gain == 1.0 else x * np.float32(gain)
+
+
 # --- the engine ------------------------------------------------------------
 @dataclass
 class _Item:
@@ -227,8 +239,9 @@ def score_waveforms(model: MOSModel, waves: list, sr: int, window_s: float = DEF
             raise AudioError(f"{where(key)}expected a mono waveform (T,), not shape {tuple(x.shape)}")
         if err := length_error(x.shape[0], sr, need):
             raise AudioError(where(key) + err)
-        for a, b in windows(x.shape[0], sr, window_s):
-            items.append(_Item(key, sr, lambda x=x, a=a, b=b: x[a:b]))
+        sp = span_for(model, lambda a, b, x=x: x[a:b], x.shape[0], sr)
+        for a, b in windows(sp.stop - sp.start, sr, window_s):
+            items.append(_Item(key, sr, lambda x=x, a=a + sp.start, b=b + sp.start, g=sp.gain: _gained(x[a:b], g)))
 
     def fail(key: int, msg: str) -> None:
         raise AudioError(where(key) + msg)
@@ -274,15 +287,20 @@ def score_chunks(model: MOSModel, paths: Iterable[tuple[str, str]], window_s: fl
                     row.error = length_error(info.frames, info.sample_rate, min_samples(model, info.sample_rate))
                     if not row.error and channel is not None:
                         to_mono(np.zeros((0, info.channels), np.float32), channel)
+                    if not row.error:
+                        sp = span_for(model, lambda a, b, info=info: read_segment(info, a, b, channel),
+                                      info.frames, info.sample_rate)
+                        row.error = SILENT_ERROR if 0 <= sp.peak < SILENCE_PEAK else ""
                 except AudioError as e:
                     row.error = str(e)
             if row.error:
                 if progress is not None:
                     progress(1.0)
                 continue
-            for a, b in windows(info.frames, info.sample_rate, window_s):
-                items.append(_Item(key, info.sample_rate, lambda info=info, a=a, b=b: read_segment(info, a, b, channel),
-                                   (b - a) / info.frames))
+            span = sp.stop - sp.start
+            for a, b in windows(span, info.sample_rate, window_s):
+                items.append(_Item(key, info.sample_rate, lambda info=info, a=a + sp.start, b=b + sp.start, g=sp.gain:
+                                   _gained(read_segment(info, a, b, channel), g), (b - a) / span))
 
         def fail(key: int, msg: str) -> None:
             rows[key].error = rows[key].error or msg
