@@ -261,13 +261,23 @@ def plan_clips(u: dict, sr: int, seed: int, codecs: list[str]) -> list[dict]:
 
 
 def render_utterance(u: dict, out: Path, seed: int, codecs: list[str]) -> tuple[list[dict], list[dict]]:
-    """All clips of one utterance (and its rate ladder when held out); returns their manifest rows."""
+    """All clips of one utterance (and its rate ladder when held out); returns their manifest rows.
+
+    The rows are kept in .rows/ beside the audio, so a build that was stopped resumes where it was;
+    an utterance its synthesizer cannot speak is left out (and named on stderr)."""
+    done = out / ".rows" / (u["utt_id"].replace("/", "_") + ".json")
+    if done.is_file():
+        return tuple(json.loads(done.read_text()))
     rows, ladder = [], []
     common = {"source": u["kind"], "voice": u["voice"], "utt_id": u["utt_id"], "group_id": u["utt_id"],
               "text": u["text"], "language": u["language"], "why_held_out": u["held"]}
     with tempfile.TemporaryDirectory(dir=out, prefix=".work") as td:
         tmp = Path(td)
-        x, sr = source_audio(u, tmp)
+        try:
+            x, sr = source_audio(u, tmp)
+        except subprocess.CalledProcessError as e:
+            print(f"build_multilingual: {u['utt_id']}: {e.cmd[0]} failed, left out", file=sys.stderr)
+            return [], []
         base = u["utt_id"].replace("/", "_")
         for c in plan_clips(u, sr, seed, codecs):
             y, bw, recipe = (x, sr / 2, "none") if c["kind"] == "clean" else degrade(x, sr, c["kind"], c["sev"], c["seed"], tmp)
@@ -286,6 +296,10 @@ def render_utterance(u: dict, out: Path, seed: int, codecs: list[str]) -> tuple[
                 ladder.append({"ladder_id": base, "path": rel, "sample_rate": rate, "bandwidth_hz": bc.LADDER_BANDWIDTH,
                                "duration_s": f"{z.size / rate:.3f}", "split": "heldout", "source_rate": sr,
                                "degradation": "clean", "severity": 0, "recipe": "fir lowpass 3200Hz", **common})
+    done.parent.mkdir(exist_ok=True)
+    tmp_done = done.with_suffix(".tmp")
+    tmp_done.write_text(json.dumps([rows, ladder]))
+    tmp_done.replace(done)  # atomic: a stopped build never sees half a record
     return rows, ladder
 
 
