@@ -177,8 +177,9 @@ def test_version_names_the_default_model_and_its_weights_hash():
     r = run("--version")
     name = default_model_name()
     weights = models_dir() / name / WEIGHTS
+    version = json.loads((models_dir() / name / "config.json").read_text())["metadata"]["model_version"]
     assert r.exit_code == 0 and r.output.splitlines() == [
-        f"msr-utmos {__version__}", f"default model: {name} 1.0.0, weights sha256 {sha256(weights)}"]
+        f"msr-utmos {__version__}", f"default model: {name} {version}, weights sha256 {sha256(weights)}"]
 
 
 def test_scores_record_model_version_hash_and_package_version(tts, tiny_model_dir, other_model_dir, tmp_path):
