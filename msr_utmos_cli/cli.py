@@ -71,11 +71,12 @@ def _err(console, msg: str, code: int = 2):
 
 
 def _missing(paths: list[str]) -> list[str]:
-    """Command-line paths (and @list files) that do not exist; the paths inside a list get rows."""
+    """Command-line paths (and @list or scp: files) that do not exist; the paths inside a list get rows."""
     import os
 
     return [p for p in paths if p != "-" and not os.path.lexists(p)
-            and not (p.startswith("@") and os.path.lexists(p[1:]))]
+            and not (p.startswith("@") and os.path.lexists(p[1:]))
+            and not (p.startswith("scp:") and os.path.lexists(p[4:]))]
 
 
 def _progress(console):
@@ -123,8 +124,9 @@ def _print_summary(console, summary: dict, out: str) -> None:
 @app.command(cls=_Command)
 def score(
     paths: Annotated[list[str], typer.Argument(
-        metavar="PATH", help="Audio files, directories (walked recursively, sorted), '-' for paths on stdin, "
-                                "or @list.txt (one path a line).")],
+        metavar="PATH", help="Audio files, folders (walked recursively, sorted), '-' (paths on stdin), @list.txt, "
+                                "or a Kaldi wav.scp (*.scp or scp:FILE; ids in the utt_id column). m4a, aac, wma... "
+                                "are decoded by ffmpeg when it is installed.")],
     out: Annotated[str, typer.Option("--out", "-o", metavar="FILE", help=(
         "Output file; '-' writes the data to stdout. An existing file with rows is refused "
         "unless --resume or --overwrite."))] = "-",
@@ -152,6 +154,10 @@ def score(
                                                                        "most this many are redone after a kill.")] = 64,
 ) -> None:
     """Predict the MOS of audio files at their native sampling rates.
+
+    The bundled model scores speech quality as 16 kHz DistillMOS judges it (noise, codecs, band limits
+    below 8 kHz); content above ~8 kHz is not rewarded (examples/slt_hts_clean_44k.flac: 3.675 full band,
+    3.693 low-passed to 8 kHz). Column bandwidth_hz estimates how high each file's content goes.
 
     Exit 1 when no file could be scored or a gate (--strict, --fail-under) fails; 2 on a usage or
     input error (a missing path, no audio found, an output that would be replaced); 130 when
@@ -386,11 +392,13 @@ def report(
     truth: Annotated[Optional[Path], typer.Option(metavar="CSV", help=(
         "Listening-test labels: CSV path,mos[,system,listener,domain]; repeated paths are averaged."))] = None,
     system_regex: Annotated[Optional[str], typer.Option(metavar="REGEX", help=(
-        "Regex searched in each file name; the system is group 1 (or the whole match). "
-        "Default: the parent folder name."))] = None,
+        "Regex searched in each file name: system = group (?P<system>), group 1 or the match; utterance id = "
+        "(?P<utt>) or the name without the match. Default: the parent folder."))] = None,
     system_per_file: Annotated[bool, typer.Option(
         "--system-per-file", help="One score file per system; the system is the score file's stem.")] = False,
-    html: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write a self-contained HTML report here.")] = None,
+    system_depth: Annotated[Optional[int], typer.Option(metavar="N", help=(
+        "The system is the top N folders below the folder all scored files share (sysA/sub/x.wav: sysA)."))] = None,
+    html: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write an HTML report here.")] = None,
     json_out: Annotated[Optional[str], typer.Option(
         "--json", metavar="FILE", help="Write the report as JSON to this path, or '-' for stdout.")] = None,
     baseline: Annotated[Optional[Path], typer.Option(metavar="SCORES", help=(
@@ -401,10 +409,13 @@ def report(
         "Exit 1 if any system's mean drops by more than this versus --baseline."))] = None,
     n_boot: Annotated[int, typer.Option(metavar="N", help="Bootstrap resamples for the 95% intervals.")] = 2000,
     seed: Annotated[int, typer.Option(metavar="N", help="Seed for the bootstrap.")] = 0,
+    worst: Annotated[int, typer.Option(min=0, metavar="N", help=(
+        "List the N lowest-scored files, and the N furthest from the truth (HTML: with audio players)."))] = 10,
 ) -> None:
     """Summarise score files per system and against listening-test truth.
 
-    Warns when the score files (or the baseline) were made by different models.
+    Truth: --truth or a `true_mos` column. --baseline pairs files by path, else utterance id. Warns on
+    repeated paths and on scores (or a baseline) from different models.
 
     Example: fail CI if any system lost more than 0.1 MOS against last release's scores:
 
@@ -414,15 +425,16 @@ def report(
     """
     from rich.console import Console
 
-    from .report import ReportError, build_report, check_writable, print_report, render_html, report_json
+    from .report import ReportError, build_report, check_writable, report_json
+    from .report_render import print_report, render_html
 
     try:
         for path in (html, None if json_out == "-" else json_out):
             if path is not None:
                 check_writable(path)
         rep = build_report(scores, truth, system_regex=system_regex, system_per_file=system_per_file,
-                           baseline=baseline, fail_under=fail_under, fail_drop=fail_drop,
-                           n_boot=n_boot, seed=seed)
+                           system_depth=system_depth, baseline=baseline, fail_under=fail_under,
+                           fail_drop=fail_drop, n_boot=n_boot, seed=seed, worst=worst)
         for w in rep["warnings"]:
             typer.echo(f"warning: {w}", err=True)
         # With --json -, stdout is for the JSON alone; the tables go to stderr.
