@@ -25,7 +25,7 @@ from msr_utmos_cli import ModelLoadError, MOSModel, PRESETS, load_model, save_mo
 from msr_utmos_cli.checkpoint import CONFIG, WEIGHTS
 from msr_utmos_cli.cli import app
 from msr_utmos_cli import output
-from msr_utmos_cli.output import OutputError, write_scores
+from msr_utmos_cli.output import CSV_HEADER, OutputError, write_scores
 
 from hostile import make_odd_paths, speech
 
@@ -287,7 +287,7 @@ def test_unwritable_output_is_a_clear_error(files, tiny_model_dir, tmp_path):
     assert plain.read_text() == "keep me\n"
     ro = tmp_path / "ro"
     ro.mkdir()
-    (ro / "old.csv").write_text("path,sample_rate,duration_s,mos,error\n")
+    (ro / "old.csv").write_text(CSV_HEADER + "\n")  # a header only: the file a run leaves when killed at once
     if subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)], capture_output=True).returncode:
         return  # no mount permission; the cases above still ran
     try:
@@ -296,7 +296,7 @@ def test_unwritable_output_is_a_clear_error(files, tiny_model_dir, tmp_path):
             assert r.exit_code == 2 and "Read-only file system" in r.output, r.output
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
-    assert (ro / "old.csv").read_text() == "path,sample_rate,duration_s,mos,error\n"
+    assert (ro / "old.csv").read_text() == CSV_HEADER + "\n"
 
 
 # --- two writers -------------------------------------------------------------------
