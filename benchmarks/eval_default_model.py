@@ -81,7 +81,7 @@ def teacher_scores(paths: list[Path], cache_path: Path, device: str, batch_size:
     keys = [f"{p.resolve()}|{p.stat().st_mtime_ns}" + (f"|{hear_at}" if hear_at else "") for p in paths]
     todo = [i for i, k in enumerate(keys) if k not in cache]
     if todo:
-        from msr_utmos_cli.teachers import DistillMOSTeacher
+        from msr_utmos_cli.training.teachers import DistillMOSTeacher
 
         teacher = DistillMOSTeacher().to(device)
         waves = {i: heard_at(*load(paths[i]), hear_at, TEACHER_RATE) for i in todo}

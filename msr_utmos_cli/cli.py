@@ -215,8 +215,8 @@ def _train(run, user_errors: tuple, verb: str) -> None:
     (checkpoint kept)."""
     import os
 
-    from .config import ConfigError
-    from .train import OutDirError, TrainingError
+    from .training.config import ConfigError
+    from .training.train import OutDirError, TrainingError
 
     main = os.environ.get("RANK", "0") == "0"
     try:
@@ -248,7 +248,7 @@ PAPER_HELP = ("The paper's LightningCLI configs and --section.key=value flags ar
 
 def _sets(ctx: typer.Context, set_: list[str] | None) -> list[str]:
     """--set values, then the paper's dotted flags (`--trainer.max_epochs=5`) as more of them."""
-    from .paper_config import dotted_flags
+    from .training.paper_config import dotted_flags
 
     return [*(set_ or []), *dotted_flags(ctx.args)]
 
@@ -257,7 +257,7 @@ def _print_config(resolve) -> None:
     """--print-config: the resolved config as YAML on stdout, exit 0 (2 on a bad config)."""
     import yaml
 
-    from .config import ConfigError
+    from .training.config import ConfigError
 
     try:
         _, resolved, note = resolve()
@@ -294,15 +294,15 @@ def distill(ctx: typer.Context, config: ConfigOpt = None, set_: SetOpt = None, r
     utmos distill -c configs/distill_wav2vec2_base.yaml --resume
     ```
     """
-    from .teachers import TeacherError
+    from .training.teachers import TeacherError
 
     def run(log):
-        from .distill import run
+        from .training.distill import run
 
         return run(config, _sets(ctx, set_), resume=resume, log=log, overwrite=overwrite)
 
     if print_config:
-        from .distill import resolve
+        from .training.distill import resolve
 
         _print_config(lambda: resolve(config, _sets(ctx, set_)))
     _train(run, (TeacherError,), "distilled")
@@ -334,16 +334,16 @@ def finetune(
     ```
     """
     from .checkpoint import ModelLoadError
-    from .labels import LabelError
+    from .training.labels import LabelError
 
     def run(log):
-        from .finetune import run
+        from .training.finetune import run
 
         return run(config, _sets(ctx, set_), init=init, wav_root=wav_root, skip_bad_rows=skip_bad_rows,
                    resume=resume, log=log, overwrite=overwrite)
 
     if print_config:
-        from .finetune import resolve
+        from .training.finetune import resolve
 
         _print_config(lambda: resolve(config, _sets(ctx, set_), init, wav_root))
     _train(run, (LabelError, ModelLoadError), "fine-tuned")

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from torchaudio.models import wav2vec2_model
 from typer.testing import CliRunner
 
-from msr_utmos_cli import distill
+from msr_utmos_cli.training import distill
 from msr_utmos_cli.cli import app
-from msr_utmos_cli.teachers import default_params
+from msr_utmos_cli.training.teachers import default_params
 
 RATES = [8000, 16000, 22050, 24000, 44100, 48000]
 
@@ -61,7 +61,7 @@ def validated_before_and_after_fit(task, trainer, key):
 
 
 def test_student_starts_as_the_teacher_and_the_loss_falls(assets, tmp_path):
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
 
     built, _ = load_config(None, overrides(assets, tmp_path, 1, **{"model.sfi_fit_steps": 300}), distill.SECTIONS)
     task = distill.DistillTask(built["model"], built["data"], built["trainer"])
@@ -75,7 +75,7 @@ def test_student_starts_as_the_teacher_and_the_loss_falls(assets, tmp_path):
 
 
 def test_batches_are_deterministic_one_rate_each_and_masked(assets):
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
 
     built, _ = load_config(None, overrides(assets, "unused"), distill.SECTIONS)
     clips = distill.collect(built["data"], None)
@@ -93,7 +93,7 @@ def test_batches_are_deterministic_one_rate_each_and_masked(assets):
 
 
 def test_worker_threads_build_the_same_batches_in_the_same_order(assets):
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
 
     built, _ = load_config(None, overrides(assets, "unused"), distill.SECTIONS)
     clips = distill.collect(built["data"], None)
@@ -169,8 +169,8 @@ def test_resume_after_interruption_is_bitwise_identical(assets, tmp_path, monkey
 
 DDP_SCRIPT = """
 import os, sys, torch
-from msr_utmos_cli import distill
-from msr_utmos_cli.config import load_config
+from msr_utmos_cli.training import distill
+from msr_utmos_cli.training.config import load_config
 built, resolved = load_config(None, sys.argv[1:], distill.SECTIONS)
 task = distill.DistillTask(built["model"], built["data"], built["trainer"])
 distill.fit(task, built["trainer"], resolved)
@@ -201,7 +201,7 @@ def test_ddp_two_ranks_identical_weights_and_global_batch(assets, tmp_path):
 
 
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
-    from msr_utmos_cli import train
+    from msr_utmos_cli.training import train
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -261,7 +261,7 @@ trainer:
 
 def test_cached_teacher_labels_distil_the_mos_without_running_the_teacher(assets, tmp_path):
     """model.teacher_labels: the student learns the cached clip-level teacher MOS; no teacher is loaded."""
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
     from msr_utmos_cli import load_model
 
     labels = tmp_path / "labels.csv"
@@ -296,7 +296,7 @@ def test_cached_teacher_features_are_cropped_on_frames_and_distilled(assets, tmp
     """model.teacher_features: crops start on a teacher frame, the student gets the frames from
     there, and the per-frame loss falls without any teacher loaded."""
     from safetensors.torch import save_file
-    from msr_utmos_cli.config import ConfigError, load_config
+    from msr_utmos_cli.training.config import ConfigError, load_config
 
     wavs = sorted((assets / "wav").glob("*.wav"))
     (tmp_path / "labels.csv").write_text("path,teacher_mos\n" + "".join(f"{p.name},3.5\n" for p in wavs))
@@ -338,7 +338,7 @@ def test_label_script_caches_the_teachers_own_frames(assets, tmp_path):
     live teacher gives them, and a rerun adds nothing twice."""
     from safetensors.torch import load_file
     from msr_utmos_cli.audio import resample
-    from msr_utmos_cli.teachers import load_teacher
+    from msr_utmos_cli.training.teachers import load_teacher
 
     wavs = sorted((assets / "wav").glob("*.wav"))[:3]
     (tmp_path / "m.csv").write_text("path,duration_s\n" + "".join(f"{p},1\n" for p in wavs))
@@ -391,7 +391,7 @@ def test_targets_at_a_rate_replace_the_full_band_ones_for_that_rate(assets, tmp_
     """model.teacher_at_rate: batches presented at 8 kHz carry the teacher's outputs for the clip as
     heard at 8 kHz; other rates keep the full-band ones; a clip missing there is left out."""
     from safetensors.torch import save_file
-    from msr_utmos_cli.config import ConfigError, load_config
+    from msr_utmos_cli.training.config import ConfigError, load_config
 
     wavs = sorted((assets / "wav").glob("*.wav"))
     for p in wavs:
@@ -430,7 +430,7 @@ def test_targets_at_a_rate_replace_the_full_band_ones_for_that_rate(assets, tmp_
                                   "distill_distillmos",
                                   "distill_wav2vec2_base"])
 def test_shipped_distill_configs_parse(name):
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
 
     path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
     built, _ = load_config(path, [], distill.SECTIONS)
@@ -442,7 +442,7 @@ def test_stage3_config_builds_the_bundled_models_architecture():
     """The card's stage-3 command must give the shipped architecture, SFI muting flag included."""
     import json
 
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
 
     root = Path(__file__).resolve().parent.parent
     built, _ = load_config(root / "configs" / "default_model_stage3.yaml", [], distill.SECTIONS)
@@ -464,7 +464,7 @@ def _cached_label_sets(assets, tmp_path, full=4.5):
 
 def _train_mode_task(sets):
     """A DistillTask from `--set` overrides, in training mode (ConfigError from a bad one)."""
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
 
     built, _ = load_config(None, sets, distill.SECTIONS)
     task = distill.DistillTask(built["model"], built["data"], built["trainer"])
@@ -488,7 +488,7 @@ def test_consistency_rates_are_taught_by_the_students_own_16k_output(assets, tmp
     """model.consistency_rates: an 8 kHz batch's MOS target is the student's own (eval-mode, no-grad) score
     of the same audio upsampled to 16 kHz, not the teacher's label; 16 kHz batches keep the label."""
     from msr_utmos_cli.audio import resample
-    from msr_utmos_cli.config import ConfigError
+    from msr_utmos_cli.training.config import ConfigError
 
     base = _cached_label_sets(assets, tmp_path)
     sets = overrides(assets, tmp_path / "run", 1, **base, **{"model.consistency_rates": "[8000]",
@@ -520,7 +520,7 @@ def test_consistency_weight_adds_the_gap_to_the_students_own_16k_output(assets, 
     """model.consistency_weight: a 24 kHz batch keeps the teacher's label and adds weight x the same loss
     against the student's own 16 kHz output for the same audio; 16 kHz batches add nothing."""
     from msr_utmos_cli.audio import resample
-    from msr_utmos_cli.config import ConfigError
+    from msr_utmos_cli.training.config import ConfigError
 
     base = {**_cached_label_sets(assets, tmp_path), "data.rates": "[16000,24000]"}
     sets = overrides(assets, tmp_path / "run", 1, **base, **{"model.consistency_weight": 0.5,
@@ -555,7 +555,7 @@ def test_init_from_a_checkpoint_or_a_model_starts_from_its_weights(assets, tmp_p
     student; a different architecture or a missing folder is a one-line config error naming it."""
     import shutil
     from safetensors.torch import save_file
-    from msr_utmos_cli.config import ConfigError, load_config
+    from msr_utmos_cli.training.config import ConfigError, load_config
 
     wavs = sorted((assets / "wav").glob("*.wav"))
     base = {**_cached_label_sets(assets, tmp_path), "model.layers": "[[2,1]]",

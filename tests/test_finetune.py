@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 
 from msr_utmos_cli import MOSModel, PRESETS, load_model, save_model
 from msr_utmos_cli.cli import app
-from msr_utmos_cli.finetune import (FinetuneData, FinetuneLoss, FinetuneModel, FinetuneTask, SECTIONS,
+from msr_utmos_cli.training.finetune import (FinetuneData, FinetuneLoss, FinetuneModel, FinetuneTask, SECTIONS,
                                     allowed_rates, build_model, load_corpora, run, utmos_loss)
-from msr_utmos_cli.config import load_config
-from msr_utmos_cli.labels import Utterance
+from msr_utmos_cli.training.config import load_config
+from msr_utmos_cli.training.labels import Utterance
 from msr_utmos_cli.audio import AudioInfo
-from msr_utmos_cli.train import TrainConfig
+from msr_utmos_cli.training.train import TrainConfig
 from msr_utmos_cli.testing import speechlike
 
 CLIP_S = 0.4
@@ -251,8 +251,8 @@ def test_batches_are_deterministic_and_resume_where_they_left_off(data, tmp_path
 
 @pytest.mark.parametrize("name", ["finetune_example", "pretrain_large_mos", "finetune_amc2025_track3"])
 def test_shipped_configs_parse(name):
-    from msr_utmos_cli.config import build
-    from msr_utmos_cli.finetune import Corpus
+    from msr_utmos_cli.training.config import build
+    from msr_utmos_cli.training.finetune import Corpus
 
     path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
     built, _ = load_config(path, [], SECTIONS)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from msr_utmos_cli.train import STATE_FILE, OutDirError, TrainConfig, TrainingError, find_checkpoint, fit, lr_factor
+from msr_utmos_cli.training.train import STATE_FILE, OutDirError, TrainConfig, TrainingError, find_checkpoint, fit, lr_factor
 
 
 class Toy:

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import audio
-from .checkpoint import ModelLoadError, load_model, save_model
+from .. import audio
+from ..checkpoint import ModelLoadError, load_model, save_model
 from .config import ConfigError
 from .paper_config import load_run_config
-from .model import PRESETS, ModelConfig, MOSModel
-from .sfi import fit_to_kernel
+from ..model import PRESETS, ModelConfig, MOSModel
+from ..sfi import fit_to_kernel
 from .teachers import SAMPLE_RATE, Teacher, Wav2Vec2Teacher, load_teacher
 from .train import STATE_FILE, TrainConfig, TrainingError, check_out_dir, fit, load_trainer_state
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import audio
-from .checkpoint import ModelLoadError, atomic_write, load_model, save_model
+from .. import audio
+from ..checkpoint import ModelLoadError, atomic_write, load_model, save_model
 from .config import ConfigError, build
 from .labels import LAYOUTS, LabelError, Utterance, read_labels
-from .metrics import mos_metrics
-from .model import PRESETS, MOSModel, clip_mos
+from ..metrics import mos_metrics
+from ..model import PRESETS, MOSModel, clip_mos
 from .paper_config import load_run_config
 from .train import TrainConfig, check_out_dir, fit
 

@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
-from .audio import AudioError, AudioInfo, probe
+from ..audio import AudioError, AudioInfo, probe
 
 LAYOUTS = ("auto", "csv", "bvcc", "amc25t3")
 OPTIONAL_COLUMNS = ("system", "listener", "domain", "bandwidth_hz")
