@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from .rows import DEFAULT_WINDOW_S
+
 
 class _Flags:
     """Help without Python type tags (`<bool>`, `<list[str]>`): a flag's name says all there is,
@@ -136,7 +138,7 @@ def score(
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto (CUDA when available), cpu, cuda, cuda:N "
                                                                "or mps.")] = "auto",
     window: Annotated[float, typer.Option(min=1.0, metavar="SECONDS", help=(
-        "Longest window; longer files are cut into equal windows and all frame scores averaged."))] = 20.0,
+        "Longest window; longer files are cut into equal windows and all frame scores averaged."))] = DEFAULT_WINDOW_S,
     channel: Annotated[Optional[int], typer.Option(min=0, metavar="N", help=(
         "Score this channel (0-based) instead of the mean of all channels."))] = None,
     recursive: Annotated[bool, typer.Option(help="Walk directories recursively.")] = True,

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from torchaudio.models.wav2vec2 import components
 
+from .audio import check_rate
+from .rows import DEFAULT_WINDOW_S
+from .scoring import as_waveforms, min_samples, score_files, score_waveforms
 from .sfi import SFIConv1d
-
-MOS_MIN, MOS_MAX = 1.0, 5.0
 
 
 @dataclass
@@ -219,7 +220,7 @@ class MOSModel(nn.Module):
         frames, n = self.frame_scores(wave, lengths, sr, domain, listener)
         return frames.sum(1) / n.clamp(min=1)
 
-    def score(self, wave, sr: int, window_s: float = 20.0, channel: int | None = None,
+    def score(self, wave, sr: int, window_s: float = DEFAULT_WINDOW_S, channel: int | None = None,
               channel_axis: int | None = None) -> torch.Tensor:
         """MOS on the 1-5 scale -> (B,), under the same input rules as `utmos score`.
 
@@ -229,20 +230,10 @@ class MOSModel(nn.Module):
         CLI's row error. Long inputs are cut into equal windows of at most `window_s` seconds;
         the score is the mean of all frame scores, so it does not depend on where windows fall.
         """
-        from .audio import check_rate
-        from .scoring import as_waveforms, min_samples, score_waveforms  # one scoring path for the API and the CLI
-
         need = min_samples(self, check_rate(sr))
         waves = as_waveforms(wave, sr, need, channel, channel_axis)
         return torch.tensor(score_waveforms(self, waves, sr, window_s=window_s))
 
-    def score_files(self, paths, window_s: float = 20.0, channel: int | None = None) -> list:
-        """One scoring.Row per audio file path (mos, or the CLI's one-line error), in order."""
-        from .scoring import score_files
-
+    def score_files(self, paths, window_s: float = DEFAULT_WINDOW_S, channel: int | None = None) -> list:
+        """One rows.Row per audio file path (mos, or the CLI's one-line error), in order."""
         return list(score_files(self, paths, window_s=window_s, channel=channel))
-
-
-def clip_mos(x: torch.Tensor) -> torch.Tensor:
-    """Scores are reported on the 1-5 scale: values outside it are clipped, never rescaled."""
-    return x.clamp(MOS_MIN, MOS_MAX)

@@ -21,9 +21,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .provenance import FIELDS as PROVENANCE, META_SUFFIX, describe, of_model, read_meta, same_model
-from .scoring import Row, iter_inputs, score_chunks
+from .rows import COLUMNS, Row
+from .scoring import iter_inputs, score_chunks
 
-COLUMNS = ["path", "sample_rate", "duration_s", "mos", "error"]
 JSONL_KEYS = COLUMNS + PROVENANCE
 CSV_HEADER = ",".join(COLUMNS)
 

@@ -18,7 +18,6 @@ from . import __version__
 from .metrics import bootstrap_mean_ci, mos_metrics, paired_bootstrap_diff_ci
 from .provenance import FIELDS, describe, read_meta, same_model
 
-SCORE_COLUMNS = ("path", "sample_rate", "duration_s", "mos", "error")
 N_ERROR_EXAMPLES = 5
 NO_MATCH = "(no match)"
 

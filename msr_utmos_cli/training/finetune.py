@@ -22,7 +22,8 @@ from ..checkpoint import ModelLoadError, atomic_write, load_model, save_model
 from .config import ConfigError, build
 from .labels import LAYOUTS, LabelError, Utterance, read_labels
 from ..metrics import mos_metrics
-from ..model import PRESETS, MOSModel, clip_mos
+from ..model import PRESETS, MOSModel
+from ..scoring import clip_mos
 from .paper_config import load_run_config
 from .train import TrainConfig, check_out_dir, fit
 

@@ -1,0 +1,20 @@
+"""A score row, the columns of a score file and the default window: torch-free, so the CLI's help and
+`utmos report` use them without importing torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+DEFAULT_WINDOW_S = 20.0  # longest stretch of audio the model hears at once; longer files are cut into windows
+
+
+@dataclass
+class Row:
+    """One scored input: a MOS, or the one-line reason it has none."""
+    path: str
+    sample_rate: int | None = None
+    duration_s: float | None = None
+    mos: float | None = None
+    error: str = ""
+
+
+COLUMNS = [f.name for f in fields(Row)]  # a score file's columns, in this order
