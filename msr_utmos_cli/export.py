@@ -84,10 +84,9 @@ class FixedRateScorer(nn.Module):
         x = nn.functional.gelu(x)
         for block in m.convs:
             x, _ = block(x, None)  # (B, C, F)
-        layer = m.cfg.head_layer % m.cfg.num_layers
-        feats = m.encoder.extract_features(x.transpose(1, 2), None, layer + 1)[layer]  # (B, F, D)
-        frames = m.head(feats, None)  # (B, F)
-        return clip_mos(frames.mean(dim=1)), frames
+        feats = m.encoder.extract_features(x.transpose(1, 2), None, m.readout_depth)  # [(B, F, D)]
+        frames, mos = m.readout(feats, None)  # (B, F), (B,)
+        return clip_mos(mos), frames
 
 
 def export_onnx(model: MOSModel, rate: int, out: str | os.PathLike, check_seconds: float = 1.5) -> dict:

@@ -206,19 +206,30 @@ class MOSModel(nn.Module):
         x, n = self.conv_features(wave, lengths, sr)
         return self.encoder.extract_features(x, n, num_layers), n
 
+    @property
+    def readout_depth(self) -> int:
+        """Encoder layers to run for the head: up to the one it reads (cfg.head_layer, -1 the last)."""
+        return self.cfg.head_layer % self.cfg.num_layers + 1
+
+    def readout(self, layers: list[torch.Tensor], n: torch.Tensor | None, domain: torch.Tensor | None = None,
+                listener: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder outputs [(B, F, D)] (readout_depth or more), valid frames (B,) -> per-frame scores (B, F)
+        (padding 0) and unclipped utterance scores (B,), the mean over valid frames. n None: all valid."""
+        frames = self.head(layers[self.readout_depth - 1], n, domain, listener)
+        return frames, frames.mean(dim=1) if n is None else frames.sum(1) / n.clamp(min=1)
+
     def frame_scores(self, wave: torch.Tensor, lengths: torch.Tensor | None, sr: int,
                      domain: torch.Tensor | None = None, listener: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """wave (B, T) -> per-frame scores (B, F) (padding = 0) and valid frames (B,)."""
-        layer = self.cfg.head_layer % self.cfg.num_layers
-        feats, n = self.extract_features(wave, lengths, sr, num_layers=layer + 1)
-        return self.head(feats[layer], n, domain, listener), n
+        feats, n = self.extract_features(wave, lengths, sr, num_layers=self.readout_depth)
+        return self.readout(feats, n, domain, listener)[0], n
 
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None, sr: int,
                 domain: torch.Tensor | None = None, listener: torch.Tensor | None = None) -> torch.Tensor:
         """wave (B, T) -> unclipped utterance scores (B,): mean of the valid frames' scores."""
-        frames, n = self.frame_scores(wave, lengths, sr, domain, listener)
-        return frames.sum(1) / n.clamp(min=1)
+        feats, n = self.extract_features(wave, lengths, sr, num_layers=self.readout_depth)
+        return self.readout(feats, n, domain, listener)[1]
 
     def score(self, wave, sr: int, window_s: float = DEFAULT_WINDOW_S, channel: int | None = None,
               channel_axis: int | None = None) -> torch.Tensor:

@@ -360,12 +360,11 @@ class Distiller(nn.Module):
         """-> (projected student features per pair [(B, F, D_t)], frames (B,), MOS (B,) or None)."""
         s = self.student
         depth = max(p[0] for p in self.pairs) if self.pairs else 0
-        head_layer = s.cfg.head_layer % s.cfg.num_layers
         if want_mos:
-            depth = max(depth, head_layer + 1)
+            depth = max(depth, s.readout_depth)
         x, n = s.conv_features(wave, lengths, sr)
-        layers = [x, *(s.encoder.extract_features(x, n, depth) if depth else [])]
-        mos = s.head(layers[head_layer + 1], n).sum(1) / n.clamp(min=1) if want_mos else None
+        layers = [x, *(s.encoder.extract_features(x, n, depth) if depth else [])]  # 0: CNN output, i: layer i
+        mos = s.readout(layers[1:], n)[1] if want_mos else None
         return [proj(layers[si]) for proj, (si, _) in zip(self.proj, self.pairs)], n, mos
 
 

@@ -258,11 +258,9 @@ class FinetuneTask:
     def predict(self, wave, lengths, sr, domain, listener, frozen: bool = False) -> torch.Tensor:
         """(B, T) -> raw utterance scores (B,); with `frozen` the SSL part runs without gradients."""
         model = self.model
-        layer = model.cfg.head_layer % model.cfg.num_layers
         with torch.no_grad() if frozen else nullcontext():
-            feats, n = model.extract_features(wave, lengths, sr, num_layers=layer + 1)
-        frames = model.head(feats[layer], n, domain, listener)
-        return frames.sum(1) / n.clamp(min=1)
+            feats, n = model.extract_features(wave, lengths, sr, num_layers=model.readout_depth)
+        return model.readout(feats, n, domain, listener)[1]
 
     def loss(self, batch: dict, step: int):
         pred = self.predict(batch["wave"], batch["lengths"], batch["sr"], batch["domain"], batch["listener"],
