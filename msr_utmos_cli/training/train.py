@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from ..checkpoint import parse_device
+
 STATE_FILE = "trainer_state.pt"
 RUN_CONFIG = "run_config.yaml"
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -121,16 +123,16 @@ def _dist_env() -> tuple[int, int, int]:
 
 
 def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError("trainer.device is cuda but CUDA is not available")
-    dev = torch.device(name)
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise TrainingError(f"rank {local_rank} needs {dev} but this machine has {torch.cuda.device_count()} GPU(s): "
-                            "start at most that many processes per node, or set trainer.device=cpu")
+    """The scoring device rule (checkpoint.parse_device); a GPU named without an index is this process's own."""
+    try:
+        dev = parse_device(name)
+    except ValueError as e:
+        raise TrainingError(f"trainer.device: {e}") from None
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+        if local_rank >= torch.cuda.device_count():
+            raise TrainingError(f"rank {local_rank} needs {dev} but this machine has {torch.cuda.device_count()} "
+                                "GPU(s): start at most that many processes per node, or set trainer.device=cpu")
     return dev
 
 
