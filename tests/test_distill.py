@@ -589,3 +589,24 @@ def test_init_from_a_checkpoint_or_a_model_starts_from_its_weights(assets, tmp_p
         task_from(ckpt, **{"model.student_overrides": "{num_layers: 3}"})
     with pytest.raises(ConfigError, match="init_from.*no-such"):
         task_from(tmp_path / "no-such")
+
+
+def test_manifests_and_teacher_labels_are_read_as_spreadsheets_write_them(assets, tmp_path):
+    """A byte-order mark, a capitalised header, spaces after commas: one CSV reader for every list;
+    a bad value is one line naming the file and line."""
+    from msr_utmos_cli.training.config import ConfigError, load_config
+
+    wavs = sorted((assets / "wav").glob("*.wav"))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("Path, split, bandwidth_hz\n" + "".join(f"{p}, train, 4000\n" for p in wavs[:3]),
+                        encoding="utf-8-sig")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path, Teacher_MOS\n" + "".join(f"{p}, 3.5\n" for p in wavs[:2]), encoding="utf-8-sig")
+    sets = overrides(assets, tmp_path / "run", 1, **{"data.dirs": "[]", "data.manifest": manifest})
+    built, _ = load_config(None, sets, distill.SECTIONS)
+    clips = distill.collect(built["data"], "train", distill.read_teacher_labels(labels))
+    assert [c.info.path for c in clips] == [str(p) for p in wavs[:2]] and {c.label for c in clips} == {3.5}
+    assert {c.bandwidth_hz for c in clips} == {4000}
+    manifest.write_text("path,split,bandwidth_hz\n" + f"{wavs[0]},train,wide\n")
+    with pytest.raises(ConfigError, match=rf"^data.manifest: {manifest}: line 2: bandwidth_hz 'wide' is not a number$"):
+        distill.collect(built["data"], "train")

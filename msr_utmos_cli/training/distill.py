@@ -6,7 +6,6 @@ to give the teacher's features at every rate.
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from .config import ConfigError
 from .paper_config import load_run_config
 from ..model import PRESETS, ModelConfig, MOSModel
 from ..sfi import fit_to_kernel
+from .tables import TableError, read_records
 from .teachers import SAMPLE_RATE, Teacher, Wav2Vec2Teacher, load_teacher
 from .train import STATE_FILE, TrainConfig, TrainingError, check_out_dir, fit, load_trainer_state
 
@@ -112,16 +112,16 @@ def read_teacher_labels(path: str | os.PathLike) -> dict[str, float]:
     """path -> teacher MOS, with paths resolved against the CSV's folder."""
     path = Path(path)
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise ConfigError(f"model.teacher_labels: cannot read {path} ({e.strerror})") from None
+        rows = read_records(path, ("path", "teacher_mos"))
+    except TableError as e:
+        raise ConfigError(f"model.teacher_labels: {e}") from None
     out = {}
-    for i, r in enumerate(rows, start=2):
+    for line, r in rows:
         try:
             out[str((path.parent / r["path"]).resolve())] = float(r["teacher_mos"])
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError(f"model.teacher_labels: {path} row {i}: needs path and numeric teacher_mos") from None
+        except (TypeError, ValueError):
+            raise ConfigError(f"model.teacher_labels: {path}: line {line}: needs a path and a numeric "
+                              "teacher_mos") from None
     return out
 
 
@@ -149,18 +149,19 @@ def read_teacher_features(folder: str | os.PathLike, root: Path) -> tuple[dict[s
 
 def _manifest_rows(path: Path, split: str | None) -> list[tuple[str, float | None]]:
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise ConfigError(f"data.manifest: cannot read {path} ({e.strerror})") from None
-    if rows and "path" not in rows[0]:
-        raise ConfigError(f"data.manifest: {path} has no 'path' column")
+        rows = read_records(path, ("path",))
+    except TableError as e:
+        raise ConfigError(f"data.manifest: {e}") from None
     out = []
-    for r in rows:
+    for line, r in rows:
         if split is not None and r.get("split") is not None and r["split"] != split:
             continue
-        bw = r.get("bandwidth_hz")
-        out.append((str((path.parent / r["path"]).resolve()), float(bw) if bw not in (None, "") else None))
+        try:
+            bw = float(r["bandwidth_hz"]) if r.get("bandwidth_hz") else None
+        except ValueError:
+            raise ConfigError(f"data.manifest: {path}: line {line}: bandwidth_hz {r['bandwidth_hz']!r} is not a "
+                              "number") from None
+        out.append((str((path.parent / r["path"]).resolve()), bw))
     return out
 
 
