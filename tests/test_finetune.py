@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,7 @@ def test_best_is_a_scoring_model_and_predictions_are_readable(trained, data):
     res = invoke("score", "--model", out / "best", "--device", "cpu", "-q", rows[0]["path"], rows[1]["path"])
     assert res.exit_code == 0, res.output
     scored = list(csv.DictReader(res.stdout.splitlines()))
-    assert [float(r["mos"]) for r in scored] == pytest.approx([float(r["mos"]) for r in rows[:2]], abs=1e-4)
+    assert [r["mos"] for r in scored] == [r["mos"] for r in rows[:2]]
     res = invoke("report", out / "predictions.csv", "--truth", data / "valid.csv", "--json", "-")
     assert res.exit_code == 0, res.output
 
@@ -112,8 +113,27 @@ def test_predictions_under_bf16_training_equal_fp32_scoring(data, tmp_path):
         rows = list(csv.DictReader(f))[:3]
     res = invoke("score", "--model", tmp_path / "ft" / "best", "--device", "cpu", "-q", *[r["path"] for r in rows])
     assert res.exit_code == 0, res.output
-    scored = [float(r["mos"]) for r in csv.DictReader(res.stdout.splitlines())]
-    assert scored == pytest.approx([float(r["mos"]) for r in rows], abs=1e-4)
+    scored = [r["mos"] for r in csv.DictReader(res.stdout.splitlines())]
+    assert scored == [r["mos"] for r in rows]
+
+
+def test_validation_scores_each_file_as_score_does(data, tmp_path):
+    """Validation picks best/ on what `utmos score` will print for it: the model's input rule, windows
+    and domain 0, even for a validation corpus with its own domain id."""
+    torch.manual_seed(0)
+    ruled = replace(PRESETS["tiny"](), input_rms_db=-26.0, input_trim_db=-40.0)
+    save_model(MOSModel(ruled), tmp_path / "init")
+    cfg = write_config(tmp_path / "ft.yaml", data, tmp_path / "ft", max_steps=2, ckpt_every=2, valid_every=2)
+    res = invoke("finetune", "--config", cfg, "--init", tmp_path / "init", "--set",
+                 f"data.valid=[{{csv: {data / 'valid.csv'}, domain: 1}}]")
+    assert res.exit_code == 0, res.output
+    assert "validation scores as `utmos score` does, with domain 0" in res.output
+    with open(tmp_path / "ft" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 24 and load_model(tmp_path / "ft" / "best", "cpu").cfg.domain_dim > 0
+    res = invoke("score", "--model", tmp_path / "ft" / "best", "--device", "cpu", "-q", *[r["path"] for r in rows])
+    assert res.exit_code == 0, res.output
+    assert [r["mos"] for r in csv.DictReader(res.stdout.splitlines())] == [r["mos"] for r in rows]
 
 
 def test_resume_is_exact(data, tmp_path, monkeypatch):
