@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 from torchaudio.models import wav2vec2_model
 from typer.testing import CliRunner
 
-from msr_utmos_cli.training import distill
+from msr_utmos_cli.training import distill, distill_data, distill_student
 from msr_utmos_cli.cli import app
 from msr_utmos_cli.training.teachers import default_params
+from msr_utmos_cli.training.train import fit
 
 RATES = [8000, 16000, 22050, 24000, 44100, 48000]
 
@@ -54,7 +55,7 @@ def validated_before_and_after_fit(task, trainer, key):
     """`key` of task.validate() on the training clips themselves, before and after training."""
     task.valid_clips = task.clips
     before = task.validate()[key]
-    distill.fit(task, trainer, {})
+    fit(task, trainer, {})
     after = task.validate()[key]
     print(f"{key} {before:.4f} -> {after:.4f}")
     return before, after
@@ -78,17 +79,17 @@ def test_batches_are_deterministic_one_rate_each_and_masked(assets):
     from msr_utmos_cli.training.config import load_config
 
     built, _ = load_config(None, overrides(assets, "unused"), distill.SECTIONS)
-    clips = distill.collect(built["data"], None)
-    a = [next(distill.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, g)) for g in range(4)]
-    b = list(zip(range(4), distill.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 0)))
+    clips = distill_data.collect(built["data"], None)
+    a = [next(distill_data.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, g)) for g in range(4)]
+    b = list(zip(range(4), distill_data.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 0)))
     for x, (_, y) in zip(a, b):
         assert x["sr"] == y["sr"] and torch.equal(x["wave"], y["wave"]) and torch.equal(x["wave16"], y["wave16"])
         assert (x["bandwidth_hz"] <= x["sr"] / 2).all()
         for w, n in zip(x["wave"], x["lengths"]):
             assert (w[n:] == 0).all()
     # Two ranks with B each see exactly the items one rank with 2B sees.
-    one = next(distill.batch_stream(clips, RATES, 0.5, 4, 0, 1, 0, 1))
-    r0, r1 = (next(distill.batch_stream(clips, RATES, 0.5, 2, r, 2, 0, 1)) for r in (0, 1))
+    one = next(distill_data.batch_stream(clips, RATES, 0.5, 4, 0, 1, 0, 1))
+    r0, r1 = (next(distill_data.batch_stream(clips, RATES, 0.5, 2, r, 2, 0, 1)) for r in (0, 1))
     assert one["lengths"].tolist() == r0["lengths"].tolist() + r1["lengths"].tolist()
 
 
@@ -96,9 +97,9 @@ def test_worker_threads_build_the_same_batches_in_the_same_order(assets):
     from msr_utmos_cli.training.config import load_config
 
     built, _ = load_config(None, overrides(assets, "unused"), distill.SECTIONS)
-    clips = distill.collect(built["data"], None)
-    inline = distill.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 3)
-    threaded = distill.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 3, workers=3)
+    clips = distill_data.collect(built["data"], None)
+    inline = distill_data.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 3)
+    threaded = distill_data.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 3, workers=3)
     for _ in range(9):  # more than the 2 * workers batches built ahead
         x, y = next(inline), next(threaded)
         assert x["sr"] == y["sr"] and torch.equal(x["wave"], y["wave"]) and torch.equal(x["lengths"], y["lengths"])
@@ -115,21 +116,21 @@ def test_items_whose_band_fits_take_the_full_clip_targets(tmp_path):
     full_feats, feats8 = torch.ones(60, 4), torch.zeros(60, 4)
 
     def clip(bw, label=2.0):
-        return distill.Clip(info, bw, label, full_feats if label is not None else None,
+        return distill_data.Clip(info, bw, label, full_feats if label is not None else None,
                             {8000: (4.0, feats8)} if label is not None else {})
 
     for bw, fits in ((3000.0, True), (6000.0, False)):
-        on = distill.present(clip(bw), 0, 24000, 8000, full_when_fits=True)
-        off = distill.present(clip(bw), 0, 24000, 8000)
+        on = distill_data.present(clip(bw), 0, 24000, 8000, full_when_fits=True)
+        off = distill_data.present(clip(bw), 0, 24000, 8000)
         assert off[3] == 4.0 and torch.equal(off[4], feats8[: off[4].shape[0]])
         assert on[3] == (2.0 if fits else 4.0)
         assert torch.equal(on[4], (full_feats if fits else feats8)[: on[4].shape[0]])
-        live_on = distill.present(clip(bw, None), 0, 24000, 8000, full_when_fits=True)[1]
+        live_on = distill_data.present(clip(bw, None), 0, 24000, 8000, full_when_fits=True)[1]
         native16 = audio.resample(torch.from_numpy(x[:24000]), 48000, 16000)
         via8k = audio.resample(audio.resample(torch.from_numpy(x[:24000]), 48000, 8000), 8000, 16000)
         assert torch.equal(live_on, native16 if fits else via8k)
     # At a rate above the band the at-rate targets are not used either way.
-    assert distill.present(clip(3000.0), 0, 24000, 16000)[3] == 2.0
+    assert distill_data.present(clip(3000.0), 0, 24000, 16000)[3] == 2.0
 
 
 def test_bf16_autocast_trains(assets, tmp_path):
@@ -171,9 +172,10 @@ DDP_SCRIPT = """
 import os, sys, torch
 from msr_utmos_cli.training import distill
 from msr_utmos_cli.training.config import load_config
+from msr_utmos_cli.training.train import fit
 built, resolved = load_config(None, sys.argv[1:], distill.SECTIONS)
 task = distill.DistillTask(built["model"], built["data"], built["trainer"])
-distill.fit(task, built["trainer"], resolved)
+fit(task, built["trainer"], resolved)
 torch.save(task.model.state_dict(), os.path.join(built["trainer"].out_dir, f"rank{os.environ['RANK']}.pt"))
 """
 
@@ -316,10 +318,10 @@ def test_cached_teacher_features_are_cropped_on_frames_and_distilled(assets, tmp
     for clip in task.clips:
         hop = 0.02 * clip.info.sample_rate
         for off in (0, 1, int(hop * 2.6), clip.info.frames // 2):
-            start = distill.frame_start(clip, off)
+            start = distill_data.frame_start(clip, off)
             k = round(start / hop)
             assert abs(start - k * hop) < 1 and abs(start - off) <= hop / 2 + 1
-            f = distill.present(clip, start, min(start + 8000, clip.info.frames), 16000)[4]
+            f = distill_data.present(clip, start, min(start + 8000, clip.info.frames), 16000)[4]
             assert f[0, 0] == k  # the slice starts at the crop's own frame
     before, after = validated_before_and_after_fit(task, built["trainer"], "valid_feat_l1")
     assert after < 0.7 * before
@@ -412,7 +414,7 @@ def test_targets_at_a_rate_replace_the_full_band_ones_for_that_rate(assets, tmp_
     task = distill.DistillTask(built["model"], built["data"], built["trainer"])
     assert len(task.clips) == len(wavs) - 1  # wavs[0] has no 8 kHz targets
     seen = set()
-    for batch in distill.batch_stream(task.clips, [8000, 16000], 0.5, 2, 0, 1, 0, 0):
+    for batch in distill_data.batch_stream(task.clips, [8000, 16000], 0.5, 2, 0, 1, 0, 0):
         want = 1.5 if batch["sr"] == 8000 else 4.5
         assert torch.all(batch["teacher_mos"] == want)
         assert torch.all(batch["teacher_feats"][:, 1:, 0] * (1 if want == 4.5 else -1) >= 1)  # frame index sign
@@ -446,7 +448,7 @@ def test_stage3_config_builds_the_bundled_models_architecture():
 
     root = Path(__file__).resolve().parent.parent
     built, _ = load_config(root / "configs" / "default_model_stage3.yaml", [], distill.SECTIONS)
-    cfg = distill.student_config(built["model"], teacher=None)
+    cfg = distill_student.student_config(built["model"], teacher=None)
     shipped = json.loads((root / "models" / "msr-utmos-small-distillmos" / "config.json").read_text())["config"]
     assert cfg.sfi_mute_above_nyquist is False
     assert cfg.to_dict() == shipped
@@ -604,9 +606,9 @@ def test_manifests_and_teacher_labels_are_read_as_spreadsheets_write_them(assets
     labels.write_text("path, Teacher_MOS\n" + "".join(f"{p}, 3.5\n" for p in wavs[:2]), encoding="utf-8-sig")
     sets = overrides(assets, tmp_path / "run", 1, **{"data.dirs": "[]", "data.manifest": manifest})
     built, _ = load_config(None, sets, distill.SECTIONS)
-    clips = distill.collect(built["data"], "train", distill.read_teacher_labels(labels))
+    clips = distill_data.collect(built["data"], "train", distill_data.read_teacher_labels(labels))
     assert [c.info.path for c in clips] == [str(p) for p in wavs[:2]] and {c.label for c in clips} == {3.5}
     assert {c.bandwidth_hz for c in clips} == {4000}
     manifest.write_text("path,split,bandwidth_hz\n" + f"{wavs[0]},train,wide\n")
     with pytest.raises(ConfigError, match=rf"^data.manifest: {manifest}: line 2: bandwidth_hz 'wide' is not a number$"):
-        distill.collect(built["data"], "train")
+        distill_data.collect(built["data"], "train")

@@ -20,7 +20,8 @@ import torch
 import torchaudio
 import transformers
 
-from msr_utmos_cli.training.distill import DistillModel, init_from_teacher, student_config
+from msr_utmos_cli.training.distill_config import DistillModel
+from msr_utmos_cli.training.distill_student import init_from_teacher, student_config
 from msr_utmos_cli.model import MOSModel
 from msr_utmos_cli.training.teachers import TeacherError, load_teacher
 
