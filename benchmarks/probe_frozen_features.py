@@ -36,7 +36,7 @@ from msr_utmos_cli import load_model  # noqa: E402
 from msr_utmos_cli.audio import resample  # noqa: E402
 from msr_utmos_cli.checkpoint import ModelLoadError  # noqa: E402
 from msr_utmos_cli.training.config import ConfigError  # noqa: E402
-from msr_utmos_cli.training.distill_data import read_teacher_labels  # noqa: E402
+from msr_utmos_cli.training.teacher_cache import read_teacher_labels  # noqa: E402
 
 
 def labelled(manifest: Path, labels: Path, split: str) -> tuple[list[Path], np.ndarray]:

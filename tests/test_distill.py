@@ -19,6 +19,8 @@ from typer.testing import CliRunner
 
 from msr_utmos_cli.training import distill, distill_data, distill_student
 from msr_utmos_cli.cli import app
+from msr_utmos_cli.training.distill_data import Presenting
+from msr_utmos_cli.training.teacher_cache import CachedTargets, Target, TeacherCache, read_teacher_labels
 from msr_utmos_cli.training.teachers import default_params
 from msr_utmos_cli.training.train import fit
 
@@ -116,21 +118,22 @@ def test_items_whose_band_fits_take_the_full_clip_targets(tmp_path):
     full_feats, feats8 = torch.ones(60, 4), torch.zeros(60, 4)
 
     def clip(bw, label=2.0):
-        return distill_data.Clip(info, bw, label, full_feats if label is not None else None,
-                            {8000: (4.0, feats8)} if label is not None else {})
+        if label is None:
+            return distill_data.Clip(info, bw)
+        return distill_data.Clip(info, bw, Target(label, full_feats), {8000: Target(4.0, feats8)})
 
     for bw, fits in ((3000.0, True), (6000.0, False)):
-        on = distill_data.present(clip(bw), 0, 24000, 8000, full_when_fits=True)
+        on = distill_data.present(clip(bw), 0, 24000, 8000, Presenting(full_when_fits=True))
         off = distill_data.present(clip(bw), 0, 24000, 8000)
-        assert off[3] == 4.0 and torch.equal(off[4], feats8[: off[4].shape[0]])
-        assert on[3] == (2.0 if fits else 4.0)
-        assert torch.equal(on[4], (full_feats if fits else feats8)[: on[4].shape[0]])
-        live_on = distill_data.present(clip(bw, None), 0, 24000, 8000, full_when_fits=True)[1]
+        assert off.teacher_mos == 4.0 and torch.equal(off.teacher_feats, feats8[: off.teacher_feats.shape[0]])
+        assert on.teacher_mos == (2.0 if fits else 4.0)
+        assert torch.equal(on.teacher_feats, (full_feats if fits else feats8)[: on.teacher_feats.shape[0]])
+        live_on = distill_data.present(clip(bw, None), 0, 24000, 8000, Presenting(full_when_fits=True)).wave16
         native16 = audio.resample(torch.from_numpy(x[:24000]), 48000, 16000)
         via8k = audio.resample(audio.resample(torch.from_numpy(x[:24000]), 48000, 8000), 8000, 16000)
         assert torch.equal(live_on, native16 if fits else via8k)
     # At a rate above the band the at-rate targets are not used either way.
-    assert distill_data.present(clip(3000.0), 0, 24000, 16000)[3] == 2.0
+    assert distill_data.present(clip(3000.0), 0, 24000, 16000).teacher_mos == 2.0
 
 
 def test_bf16_autocast_trains(assets, tmp_path):
@@ -321,7 +324,7 @@ def test_cached_teacher_features_are_cropped_on_frames_and_distilled(assets, tmp
             start = distill_data.frame_start(clip, off)
             k = round(start / hop)
             assert abs(start - k * hop) < 1 and abs(start - off) <= hop / 2 + 1
-            f = distill_data.present(clip, start, min(start + 8000, clip.info.frames), 16000)[4]
+            f = distill_data.present(clip, start, min(start + 8000, clip.info.frames), 16000).teacher_feats
             assert f[0, 0] == k  # the slice starts at the crop's own frame
     before, after = validated_before_and_after_fit(task, built["trainer"], "valid_feat_l1")
     assert after < 0.7 * before
@@ -606,8 +609,9 @@ def test_manifests_and_teacher_labels_are_read_as_spreadsheets_write_them(assets
     labels.write_text("path, Teacher_MOS\n" + "".join(f"{p}, 3.5\n" for p in wavs[:2]), encoding="utf-8-sig")
     sets = overrides(assets, tmp_path / "run", 1, **{"data.dirs": "[]", "data.manifest": manifest})
     built, _ = load_config(None, sets, distill.SECTIONS)
-    clips = distill_data.collect(built["data"], "train", distill_data.read_teacher_labels(labels))
-    assert [c.info.path for c in clips] == [str(p) for p in wavs[:2]] and {c.label for c in clips} == {3.5}
+    cache = TeacherCache(CachedTargets(read_teacher_labels(labels)))
+    clips = distill_data.collect(built["data"], "train", cache)
+    assert [c.info.path for c in clips] == [str(p) for p in wavs[:2]] and {c.cached.label for c in clips} == {3.5}
     assert {c.bandwidth_hz for c in clips} == {4000}
     manifest.write_text("path,split,bandwidth_hz\n" + f"{wavs[0]},train,wide\n")
     with pytest.raises(ConfigError, match=rf"^data.manifest: {manifest}: line 2: bandwidth_hz 'wide' is not a number$"):

@@ -2,8 +2,9 @@
 
 Each batch is presented at one rate drawn from `data.rates`; the student hears the audio at
 that rate and the teacher hears the same audio resampled to 16 kHz, so the SFI layer learns
-to give the teacher's features at every rate. Config in distill_config, data in distill_data,
-the student in distill_student; here the task that `train.fit` runs, its losses and the entry point.
+to give the teacher's features at every rate. The config is in distill_config, the
+data in distill_data and teacher_cache, the student in distill_student; here are the task that
+`train.fit` runs, its losses, and the entry point.
 """
 from __future__ import annotations
 
@@ -14,16 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import audio
-from ..checkpoint import ModelLoadError, load_model, save_model
+from ..checkpoint import save_model
 from ..model import MOSModel
 from .config import ConfigError
-from .distill_config import SECTIONS, DistillData, DistillModel
-from .distill_data import batch_stream, collate, collect, present, read_teacher_features, read_teacher_labels, reference
-from .distill_student import Distiller, init_from_teacher, student_config
+from .distill_config import SECTIONS, DistillData, DistillModel, check
+from .distill_data import Presenting, batch_stream, collate, collect, present
+from .distill_student import Distiller, init_from_run, init_from_teacher, layer_pairs, student_config
 from .paper_config import load_run_config
-from .teachers import SAMPLE_RATE, Teacher, Wav2Vec2Teacher, load_teacher
-from .train import STATE_FILE, TrainConfig, TrainingError, check_out_dir, fit, load_trainer_state
+from .teacher_cache import read_cache
+from .teachers import Teacher, Wav2Vec2Teacher, load_teacher
+from .train import TrainConfig, check_out_dir, fit
 
 
 def feature_loss(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,105 +40,28 @@ class DistillTask:
     """The `Task` that `train.fit` runs for `utmos distill`."""
 
     def __init__(self, m: DistillModel, data: DistillData, trainer: TrainConfig, teacher: Teacher | None = None):
-        if m.mos_loss not in ("l1", "mse"):
-            raise ConfigError(f"model.mos_loss must be l1 or mse, got {m.mos_loss!r}")
-        for r in data.rates:
-            if not audio.MIN_RATE <= r <= audio.MAX_RATE:
-                raise ConfigError(f"data.rates: {r} outside {audio.MIN_RATE}-{audio.MAX_RATE} Hz")
-        if not data.rates:
-            raise ConfigError("data.rates: empty")
-        for r in m.consistency_rates:
-            if r not in data.rates or r == m.consistency_reference_rate:
-                raise ConfigError(f"model.consistency_rates: {r} must be one of data.rates and differ from "
-                                  f"model.consistency_reference_rate ({m.consistency_reference_rate})")
-        if m.consistency_weight < 0:
-            raise ConfigError(f"model.consistency_weight must be >= 0, got {m.consistency_weight}")
-        if (m.consistency_rates or m.consistency_weight) and \
-                not audio.MIN_RATE <= m.consistency_reference_rate <= audio.MAX_RATE:
-            raise ConfigError(f"model.consistency_reference_rate: {m.consistency_reference_rate} outside "
-                              f"{audio.MIN_RATE}-{audio.MAX_RATE} Hz")
+        check(m, data)
         self.m, self.data, self.trainer = m, data, trainer
-        self.consistency = (m.consistency_rates, m.consistency_reference_rate, m.consistency_weight > 0)
-        labels = read_teacher_labels(m.teacher_labels) if m.teacher_labels else None
-        feats, cached_layer = None, None
-        if m.teacher_features:
-            if labels is None:
-                raise ConfigError("model.teacher_features needs model.teacher_labels (the same clips' MOS)")
-            feats, cached_layer = read_teacher_features(m.teacher_features, Path(m.teacher_labels).parent)
-        elif labels is not None and m.layers:
-            raise ConfigError("model.layers: feature distillation needs the live teacher or model.teacher_features; "
-                              "with model.teacher_labels alone only the MOS is distilled (set layers: [])")
-        at_rate = {}
-        for rate, spec in (m.teacher_at_rate or {}).items():
-            if labels is None or not isinstance(spec, dict) or "labels" not in spec or \
-                    not str(rate).isdigit() or int(rate) not in data.rates:
-                raise ConfigError(f"model.teacher_at_rate.{rate}: needs model.teacher_labels, a rate of data.rates "
-                                  "and {labels: CSV[, features: folder]}")
-            if bool(spec.get("features")) != bool(feats is not None):
-                raise ConfigError(f"model.teacher_at_rate.{rate}: give features exactly when model.teacher_features "
-                                  "is given")
-            lab = read_teacher_labels(spec["labels"])
-            fe = read_teacher_features(spec["features"], Path(spec["labels"]).parent)[0] if feats is not None else None
-            at_rate[int(rate)] = (lab, fe)
-        self.teacher = None if labels is not None else (
+        self.presenting = Presenting.of(m)
+        cache = read_cache(m, data.rates)
+        self.teacher = None if cache is not None else (
             teacher if teacher is not None else load_teacher(m.teacher, m.teacher_kind))
-        self.clips = collect(data, data.split, labels, feats, at_rate)
+        self.clips = collect(data, data.split, cache)
         if not self.clips:
             raise ConfigError("data: no readable (and, with model.teacher_labels, labelled) audio found in "
                               "data.dirs / data.lists / data.manifest")
-        self.valid_clips = collect(data, data.valid_split, labels, feats, at_rate)[: data.valid_items] \
-            if data.valid_split else []
-        self._valid_batches = None
-        torch.manual_seed(trainer.seed)
+        self.valid_clips = collect(data, data.valid_split, cache)[: data.valid_items] if data.valid_split else []
+        self._valid_batches: list[dict] | None = None
+        torch.manual_seed(trainer.seed)  # the student's and the projections' initial weights
         student = MOSModel(student_config(m, self.teacher))
         self.init_info = {"train_clips": len(self.clips)}
         if m.init_from_teacher and isinstance(self.teacher, Wav2Vec2Teacher):
             self.init_info.update(init_from_teacher(student, self.teacher, m.sfi_fit_steps))
-        if feats is not None:  # only the cached layer exists; the others have width 0 and fail the check below
-            tdims = [0] * cached_layer + [next(iter(feats.values())).shape[-1]]
-            pairs = m.layers if m.layers is not None else [[student.cfg.num_layers, cached_layer]]
-            for s, t in pairs:
-                if t != cached_layer:
-                    raise ConfigError(f"model.layers: pair [{s}, {t}]: model.teacher_features holds teacher layer "
-                                      f"{cached_layer} only")
-        elif self.teacher is None:
-            tdims, pairs = [], []
-        else:
-            probe = self.teacher(torch.zeros(1, SAMPLE_RATE))
-            tdims = [x.shape[-1] for x in probe["layers"]]
-            pairs = m.layers if m.layers is not None else self.default_pairs(student.cfg.num_layers, len(tdims) - 1)
-        for s, t in pairs:
-            if not (0 <= s <= student.cfg.num_layers and 0 <= t < len(tdims)):
-                raise ConfigError(f"model.layers: pair [{s}, {t}] out of range (student 0-{student.cfg.num_layers}, "
-                                  f"teacher 0-{len(tdims) - 1})")
+        pairs, tdims = layer_pairs(m, student.cfg.num_layers, self.teacher, cache)
         self.use_mos = (self.teacher is None or self.teacher.has_mos) and m.mos_weight > 0
-        self.model = Distiller(student, [list(p) for p in pairs], tdims)
+        self.model = Distiller(student, pairs, tdims)
         if m.init_from:
-            self.init_info["init_from"] = self.load_init(m.init_from)
-
-    def load_init(self, source: str) -> str:
-        """model.init_from: weights from a distillation checkpoint folder or a model; the shapes must match."""
-        try:
-            if (Path(source) / STATE_FILE).is_file():
-                self.model.load_state_dict(load_trainer_state(Path(source))["model"])
-                return f"{source} (student and projections)"
-            other = load_model(source, "cpu")
-            if other.cfg != self.model.student.cfg:
-                raise ConfigError(f"model.init_from: {source} is a different architecture from model.student")
-            self.model.student.load_state_dict(other.state_dict())
-            return f"{source} (student)"
-        except ModelLoadError as e:
-            raise ConfigError(f"model.init_from: {e}") from None
-        except (RuntimeError, TrainingError) as e:
-            raise ConfigError(f"model.init_from: {source}: weights do not fit this student "
-                              f"({str(e).splitlines()[0]})") from None
-
-    def default_pairs(self, n_student: int, n_teacher: int) -> list[list[int]]:
-        """wav2vec2: CNN output and every encoder layer, spread evenly when depths differ.
-        DistillMOS: the student's last layer to the teacher's transformer output."""
-        if self.teacher.has_mos:
-            return [[n_student, n_teacher]]
-        return [[0, 0]] + [[i, round(i * n_teacher / n_student)] for i in range(1, n_student + 1)]
+            self.init_info["init_from"] = init_from_run(self.model, m.init_from)
 
     def set_device(self, device: torch.device) -> None:
         if self.teacher is not None:
@@ -148,8 +72,7 @@ class DistillTask:
 
     def batches(self, rank: int, world: int, seed: int, start: int):
         return batch_stream(self.clips, self.data.rates, self.data.crop_s, self.trainer.batch_size, rank, world,
-                            seed, start, self.data.workers, self.m.full_targets_when_band_fits,
-                            self.consistency)
+                            seed, start, self.data.workers, self.presenting)
 
     def steps_per_epoch(self, world: int) -> int:
         """Steps in one pass over the clips: each is seen once, as one random crop at one rate."""
@@ -220,22 +143,25 @@ class DistillTask:
         if not self.valid_clips:
             return None
         dev = next(self.model.parameters()).device
-        if self._valid_batches is None:  # the same batches every time: read and resample them once
-            self._valid_batches = []
-            for sr in self.data.rates:
-                for i in range(0, len(self.valid_clips), self.trainer.batch_size):
-                    chunk = self.valid_clips[i:i + self.trainer.batch_size]
-                    self._valid_batches.append(collate([present(c, 0, min(c.info.frames, int(round(
-                        self.data.crop_s * c.info.sample_rate))), sr, self.m.full_targets_when_band_fits,
-                        *reference(sr, *self.consistency))
-                        for c in chunk], sr))
         sums, count = {}, 0
-        for batch in self._valid_batches:
+        for batch in self.validation_batches():
             b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
             for k, v in self.item_losses(b).items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach().sum())
             count += len(batch["lengths"])
         return {f"valid_{k}": v / count for k, v in sorted(sums.items(), key=lambda kv: kv[0] != "loss")}
+
+    def validation_batches(self) -> list[dict]:
+        """The same batches every time, so they are read and resampled once."""
+        if self._valid_batches is None:
+            self._valid_batches = []
+            B = self.trainer.batch_size
+            for sr in self.data.rates:
+                for i in range(0, len(self.valid_clips), B):
+                    items = [present(c, 0, min(c.info.frames, int(round(self.data.crop_s * c.info.sample_rate))), sr,
+                                     self.presenting) for c in self.valid_clips[i:i + B]]
+                    self._valid_batches.append(collate(items, sr))
+        return self._valid_batches
 
     def export(self, folder: Path, metadata: dict) -> None:
         meta = {**metadata, "task": "distill", "teacher": self.m.teacher,

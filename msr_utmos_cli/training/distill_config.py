@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..audio import MAX_RATE, MIN_RATE
+from .config import ConfigError
 from .train import TrainConfig
 
 DEFAULT_RATES = [8000, 16000, 22050, 24000, 32000, 44100, 48000]
@@ -73,3 +75,23 @@ class DistillData:
 
 
 SECTIONS = {"model": DistillModel, "data": DistillData, "trainer": TrainConfig}
+
+
+def check(m: DistillModel, data: DistillData) -> None:
+    """What the section types cannot say: values in range and consistent with each other."""
+    if m.mos_loss not in ("l1", "mse"):
+        raise ConfigError(f"model.mos_loss must be l1 or mse, got {m.mos_loss!r}")
+    for r in data.rates:
+        if not MIN_RATE <= r <= MAX_RATE:
+            raise ConfigError(f"data.rates: {r} outside {MIN_RATE}-{MAX_RATE} Hz")
+    if not data.rates:
+        raise ConfigError("data.rates: empty")
+    for r in m.consistency_rates:
+        if r not in data.rates or r == m.consistency_reference_rate:
+            raise ConfigError(f"model.consistency_rates: {r} must be one of data.rates and differ from "
+                              f"model.consistency_reference_rate ({m.consistency_reference_rate})")
+    if m.consistency_weight < 0:
+        raise ConfigError(f"model.consistency_weight must be >= 0, got {m.consistency_weight}")
+    if (m.consistency_rates or m.consistency_weight) and not MIN_RATE <= m.consistency_reference_rate <= MAX_RATE:
+        raise ConfigError(f"model.consistency_reference_rate: {m.consistency_reference_rate} outside "
+                          f"{MIN_RATE}-{MAX_RATE} Hz")

@@ -1,16 +1,21 @@
-"""The distillation student: its config from the teacher's, weights copied from it, and the trained module."""
+"""The distillation student: its config and first weights (from the teacher or an earlier run), the layers
+paired with the teacher's, and the trained module (the student plus projections)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..checkpoint import ModelLoadError, load_model
 from ..model import PRESETS, ModelConfig, MOSModel
 from ..sfi import fit_to_kernel
 from .config import ConfigError
 from .distill_config import DistillModel
-from .teachers import Teacher, Wav2Vec2Teacher
+from .teacher_cache import TeacherCache
+from .teachers import SAMPLE_RATE, Teacher, Wav2Vec2Teacher
+from .train import STATE_FILE, TrainingError, load_trainer_state
 
 
 def student_config(m: DistillModel, teacher: Teacher) -> ModelConfig:
@@ -75,3 +80,54 @@ class Distiller(nn.Module):
         mos = s.readout(layers[1:], n)[1] if want_mos else None
         return [proj(layers[si]) for proj, (si, _) in zip(self.proj, self.pairs)], n, mos
 
+
+
+def default_pairs(teacher: Teacher, n_student: int, n_teacher: int) -> list[list[int]]:
+    """wav2vec2: CNN output and every encoder layer, spread evenly when depths differ.
+    DistillMOS: the student's last layer to the teacher's transformer output."""
+    if teacher.has_mos:
+        return [[n_student, n_teacher]]
+    return [[0, 0]] + [[i, round(i * n_teacher / n_student)] for i in range(1, n_student + 1)]
+
+
+def layer_pairs(m: DistillModel, n_student: int, teacher: Teacher | None,
+                cache: TeacherCache | None) -> tuple[list[list[int]], list[int]]:
+    """model.layers (or the default) as [[student layer, teacher layer], ...], and the teacher's width at each
+    layer; 0 is the CNN output, i encoder layer i. Cached frames hold one teacher layer only."""
+    if cache is not None and cache.full.feats is not None:  # other layers get width 0 and fail the check below
+        layer = cache.full.layer
+        tdims = [0] * layer + [next(iter(cache.full.feats.values())).shape[-1]]
+        pairs = m.layers if m.layers is not None else [[n_student, layer]]
+        for s, t in pairs:
+            if t != layer:
+                raise ConfigError(f"model.layers: pair [{s}, {t}]: model.teacher_features holds teacher layer "
+                                  f"{layer} only")
+    elif teacher is None:
+        tdims, pairs = [], []
+    else:
+        probe = teacher(torch.zeros(1, SAMPLE_RATE))
+        tdims = [x.shape[-1] for x in probe["layers"]]
+        pairs = m.layers if m.layers is not None else default_pairs(teacher, n_student, len(tdims) - 1)
+    for s, t in pairs:
+        if not (0 <= s <= n_student and 0 <= t < len(tdims)):
+            raise ConfigError(f"model.layers: pair [{s}, {t}] out of range (student 0-{n_student}, "
+                              f"teacher 0-{len(tdims) - 1})")
+    return [list(p) for p in pairs], tdims
+
+
+def init_from_run(model: Distiller, source: str) -> str:
+    """model.init_from: weights from a distillation checkpoint folder or a model; the shapes must match."""
+    try:
+        if (Path(source) / STATE_FILE).is_file():
+            model.load_state_dict(load_trainer_state(Path(source))["model"])
+            return f"{source} (student and projections)"
+        other = load_model(source, "cpu")
+        if other.cfg != model.student.cfg:
+            raise ConfigError(f"model.init_from: {source} is a different architecture from model.student")
+        model.student.load_state_dict(other.state_dict())
+        return f"{source} (student)"
+    except ModelLoadError as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    except (RuntimeError, TrainingError) as e:
+        raise ConfigError(f"model.init_from: {source}: weights do not fit this student "
+                          f"({str(e).splitlines()[0]})") from None
