@@ -218,7 +218,7 @@ def _train(run, user_errors: tuple, verb: str) -> None:
     import os
 
     from .training.config import ConfigError
-    from .training.train import OutDirError, TrainingError
+    from .training import OutDirError, TrainingError
 
     main = os.environ.get("RANK", "0") == "0"
     try:

@@ -206,13 +206,14 @@ def test_ddp_two_ranks_identical_weights_and_global_batch(assets, tmp_path):
 
 
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
-    from msr_utmos_cli.training import train
+    from msr_utmos_cli.training import TrainingError
+    from msr_utmos_cli.training.distributed import device_for
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert train._device("auto", 0) == torch.device("cuda:0")
-    with pytest.raises(train.TrainingError, match="rank 1 needs cuda:1 but this machine has 1 GPU"):
-        train._device("auto", 1)
+    assert device_for("auto", 0) == torch.device("cuda:0")
+    with pytest.raises(TrainingError, match="rank 1 needs cuda:1 but this machine has 1 GPU"):
+        device_for("auto", 1)
 
 
 def write_yaml(path, text):

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from msr_utmos_cli.training.train import (STATE_FILE, OutDirError, TrainConfig, TrainingError, find_checkpoint, fit,
-                                          lr_factor)
+from msr_utmos_cli.training import OutDirError, TrainingError
+from msr_utmos_cli.training.checkpoints import STATE_FILE, find_checkpoint
+from msr_utmos_cli.training.train import TrainConfig, fit, lr_factor
 
 
 class Toy:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..checkpoint import save_model
 from ..model import MOSModel
+from .checkpoints import check_out_dir
 from .config import ConfigError
 from .distill_config import SECTIONS, DistillData, DistillModel, check
 from .distill_data import Presenting, batch_stream, collate, collect, present
@@ -24,7 +25,7 @@ from .distill_student import Distiller, init_from_run, init_from_teacher, layer_
 from .paper_config import load_run_config
 from .teacher_cache import read_cache
 from .teachers import Teacher, Wav2Vec2Teacher, load_teacher
-from .train import TrainConfig, check_out_dir, fit
+from .train import TrainConfig, fit
 
 
 def feature_loss(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

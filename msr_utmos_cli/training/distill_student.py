@@ -11,11 +11,12 @@ from torch import nn
 from ..checkpoint import ModelLoadError, load_model
 from ..model import PRESETS, ModelConfig, MOSModel
 from ..sfi import fit_to_kernel
+from . import TrainingError
+from .checkpoints import STATE_FILE, load_trainer_state
 from .config import ConfigError
 from .distill_config import DistillModel
 from .teacher_cache import TeacherCache
 from .teachers import SAMPLE_RATE, Teacher, Wav2Vec2Teacher
-from .train import STATE_FILE, TrainingError, load_trainer_state
 
 
 def student_config(m: DistillModel, teacher: Teacher) -> ModelConfig:

@@ -24,10 +24,11 @@ from ..model import PRESETS, MOSModel
 from ..output import row_fields
 from ..rows import COLUMNS
 from ..scoring import score_files
+from .checkpoints import check_out_dir
 from .config import ConfigError, build
 from .labels import LAYOUTS, LabelError, Utterance, read_labels
 from .paper_config import load_run_config
-from .train import TrainConfig, check_out_dir, fit
+from .train import TrainConfig, fit
 
 PREDICTION_COLUMNS = [*COLUMNS, "true_mos", "system"]  # a score file's columns and the truth
 AUTO_EMBED_DIM = 16  # embedding size chosen when the data needs an embedding the init model lacks
