@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from msr_utmos_cli import MOSModel, PRESETS, load_model, save_model
 from msr_utmos_cli.cli import app
+from msr_utmos_cli.rows import COLUMNS
 from msr_utmos_cli.training.finetune import (FinetuneData, FinetuneLoss, FinetuneModel, FinetuneTask, SECTIONS,
                                     allowed_rates, build_model, load_corpora, run, utmos_loss)
 from msr_utmos_cli.training.config import load_config
@@ -91,7 +92,8 @@ def test_best_is_a_scoring_model_and_predictions_are_readable(trained, data):
     assert "predictions in" in output and "best sys_SRCC" in output
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "sample_rate", "duration_s", "mos", "error", "true_mos", "system"]
+    assert list(rows[0]) == [*COLUMNS, "true_mos", "system"]  # a score file's columns, then the truth
+    assert COLUMNS[:5] == ["path", "sample_rate", "duration_s", "mos", "error"]
     assert len(rows) == 24 and {r["sample_rate"] for r in rows} == {"16000", "24000"}
     assert all(1 <= float(r["mos"]) <= 5 and r["error"] == "" for r in rows)
     # `utmos score --model best` reproduces the validation predictions; `utmos report` reads the file.
