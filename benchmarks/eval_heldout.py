@@ -192,7 +192,7 @@ def main() -> None:
     clean = [audio[i] for i, r in enumerate(rows) if r["degradation"] == "clean"][: args.robust_clips]
     funcs = {"model": lambda w, sr: score_waveforms(model, [w], sr)[0]}
     if "distillmos" in peers:
-        from msr_utmos_cli.teachers import DistillMOSTeacher
+        from msr_utmos_cli.training.teachers import DistillMOSTeacher
 
         dm = DistillMOSTeacher().eval()
         funcs["distillmos"] = lambda w, sr: distillmos_array(dm, w, sr)

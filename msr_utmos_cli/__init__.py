@@ -10,7 +10,7 @@ __version__ = "0.2.0"
 _LAZY = {  # imported on first use, so `utmos report` does not pay for importing torch
     "load_model": "checkpoint", "save_model": "checkpoint", "available_models": "checkpoint",
     "ModelLoadError": "checkpoint", "ModelConfig": "model", "MOSModel": "model", "PRESETS": "model",
-    "score_files": "scoring", "Row": "scoring", "AudioError": "audio",
+    "score_files": "scoring", "Row": "rows", "AudioError": "audio",
 }
 __all__ = [*_LAZY, "__version__"]
 

@@ -242,17 +242,6 @@ def input_span(read, frames: int, sr: int, rms_db: float | None, trim_db: float 
     return Span(start, stop, gain, peak)
 
 
-def band_limit(wave: torch.Tensor, sr: int, cutoff_hz: float) -> torch.Tensor:
-    """Remove content above `cutoff_hz` by a band-limited down/up resampling round trip. (..., T) -> (..., T)."""
-    inner = int(2 * cutoff_hz)
-    if inner >= sr:
-        return wave
-    g = math.gcd(sr, inner)
-    y = AF.resample(AF.resample(wave, sr // g, inner // g), inner // g, sr // g)
-    return y[..., : wave.shape[-1]] if y.shape[-1] >= wave.shape[-1] else torch.nn.functional.pad(
-        y, (0, wave.shape[-1] - y.shape[-1]))
-
-
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     """Band-limited resampling (torchaudio's windowed sinc). (..., T) -> (..., T')."""
     if orig_sr == new_sr:

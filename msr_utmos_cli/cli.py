@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from .rows import DEFAULT_WINDOW_S
+
 
 class _Flags:
     """Help without Python type tags (`<bool>`, `<list[str]>`): a flag's name says all there is,
@@ -138,7 +140,7 @@ def score(
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto (CUDA when available), cpu, cuda, cuda:N "
                                                                "or mps.")] = "auto",
     window: Annotated[float, typer.Option(min=1.0, metavar="SECONDS", help=(
-        "Longest window; longer files are cut into equal windows and all frame scores averaged."))] = 20.0,
+        "Longest window; longer files are cut into equal windows and all frame scores averaged."))] = DEFAULT_WINDOW_S,
     channel: Annotated[Optional[int], typer.Option(min=0, metavar="N", help=(
         "Score this channel (0-based) instead of the mean of all channels."))] = None,
     recursive: Annotated[bool, typer.Option(help="Walk directories recursively.")] = True,
@@ -221,8 +223,8 @@ def _train(run, user_errors: tuple, verb: str) -> None:
     (checkpoint kept)."""
     import os
 
-    from .config import ConfigError
-    from .train import OutDirError, TrainingError
+    from .training.config import ConfigError
+    from .training import OutDirError, TrainingError
 
     main = os.environ.get("RANK", "0") == "0"
     try:
@@ -254,7 +256,7 @@ PAPER_HELP = ("The paper's LightningCLI configs and --section.key=value flags ar
 
 def _sets(ctx: typer.Context, set_: list[str] | None) -> list[str]:
     """--set values, then the paper's dotted flags (`--trainer.max_epochs=5`) as more of them."""
-    from .paper_config import dotted_flags
+    from .training.paper_config import dotted_flags
 
     return [*(set_ or []), *dotted_flags(ctx.args)]
 
@@ -263,7 +265,7 @@ def _print_config(resolve) -> None:
     """--print-config: the resolved config as YAML on stdout, exit 0 (2 on a bad config)."""
     import yaml
 
-    from .config import ConfigError
+    from .training.config import ConfigError
 
     try:
         _, resolved, note = resolve()
@@ -300,15 +302,15 @@ def distill(ctx: typer.Context, config: ConfigOpt = None, set_: SetOpt = None, r
     utmos distill -c configs/distill_wav2vec2_base.yaml --resume
     ```
     """
-    from .teachers import TeacherError
+    from .training.teachers import TeacherError
 
     def run(log):
-        from .distill import run
+        from .training.distill import run
 
         return run(config, _sets(ctx, set_), resume=resume, log=log, overwrite=overwrite)
 
     if print_config:
-        from .distill import resolve
+        from .training.distill import resolve
 
         _print_config(lambda: resolve(config, _sets(ctx, set_)))
     _train(run, (TeacherError,), "distilled")
@@ -340,16 +342,16 @@ def finetune(
     ```
     """
     from .checkpoint import ModelLoadError
-    from .labels import LabelError
+    from .training.labels import LabelError
 
     def run(log):
-        from .finetune import run
+        from .training.finetune import run
 
         return run(config, _sets(ctx, set_), init=init, wav_root=wav_root, skip_bad_rows=skip_bad_rows,
                    resume=resume, log=log, overwrite=overwrite)
 
     if print_config:
-        from .finetune import resolve
+        from .training.finetune import resolve
 
         _print_config(lambda: resolve(config, _sets(ctx, set_), init, wav_root))
     _train(run, (LabelError, ModelLoadError), "fine-tuned")

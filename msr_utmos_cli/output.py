@@ -21,9 +21,9 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from .provenance import FIELDS as PROVENANCE, META_SUFFIX, describe, of_model, read_meta, same_model
-from .scoring import Row, iter_inputs, score_chunks
+from .rows import COLUMNS, Row
+from .scoring import iter_inputs, score_chunks
 
-COLUMNS = ["path", "sample_rate", "duration_s", "mos", "error", "bandwidth_hz", "utt_id"]
 JSONL_KEYS = COLUMNS + PROVENANCE
 CSV_HEADER = ",".join(COLUMNS)
 
@@ -41,7 +41,8 @@ def _key(path: str, utt_id) -> tuple[str, str]:
     return path, utt_id or ""
 
 
-def _fmt(row: Row) -> dict:
+def row_fields(row: Row) -> dict:
+    """A row as the file holds it: duration to 0.1 ms, MOS to 5 decimals."""
     return {"path": row.path, "sample_rate": row.sample_rate,
             "duration_s": None if row.duration_s is None else round(row.duration_s, 4),
             "mos": None if row.mos is None else round(row.mos, 5), "error": row.error,
@@ -52,13 +53,13 @@ def format_rows(rows: list[Row], fmt: str, header: bool, prov: dict | None = Non
     buf = io.StringIO()
     if fmt == "jsonl":
         for r in rows:
-            buf.write(json.dumps({**_fmt(r), **(prov or {})}, ensure_ascii=False) + "\n")
+            buf.write(json.dumps({**row_fields(r), **(prov or {})}, ensure_ascii=False) + "\n")
     else:
         w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
         if header:
             w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in _fmt(r).items()})
+            w.writerow({k: ("" if v is None else v) for k, v in row_fields(r).items()})
     return buf.getvalue()
 
 

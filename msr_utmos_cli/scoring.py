@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -24,21 +24,17 @@ import torch
 from .audio import (NAN_ERROR, SILENCE_PEAK, SILENT_ERROR, AudioError, AudioInfo, Span, audio_extensions,
                     check_rate, input_span, probe, read_segment, to_float32, to_mono)
 from .bandwidth import MAX_SECONDS, effective_bandwidth
-from .model import MOSModel, clip_mos
+from .rows import DEFAULT_WINDOW_S, Row
 
-DEFAULT_WINDOW_S = 20.0
+if TYPE_CHECKING:  # model.py imports this module for MOSModel.score
+    from .model import MOSModel
+
+MOS_MIN, MOS_MAX = 1.0, 5.0
 
 
-@dataclass
-class Row:
-    """One scored input: a MOS, or the one-line reason it has none."""
-    path: str
-    sample_rate: int | None = None
-    duration_s: float | None = None
-    mos: float | None = None
-    error: str = ""
-    bandwidth_hz: int | None = None  # highest frequency the file carries (bandwidth.py): the model is blind above ~8 kHz
-    utt_id: str = ""  # the utterance id of a wav.scp line
+def clip_mos(x: torch.Tensor) -> torch.Tensor:
+    """Scores are reported on the 1-5 scale: values outside it are clipped, never rescaled."""
+    return x.clamp(MOS_MIN, MOS_MAX)
 
 
 # --- inputs ------------------------------------------------------------------

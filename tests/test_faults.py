@@ -330,7 +330,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from test_train import Toy, cfg
-from msr_utmos_cli.train import fit
+from msr_utmos_cli.training.train import fit
 fit(Toy(), cfg({out!r}, max_steps={steps}, ckpt_every=1, log_every=1000), {{}}, resume={resume})
 """
 
@@ -338,7 +338,7 @@ fit(Toy(), cfg({out!r}, max_steps={steps}, ckpt_every=1, log_every=1000), {{}}, 
 def _newest_checkpoint_loads(out_dir):
     from safetensors.torch import load_file
 
-    from msr_utmos_cli.train import find_checkpoint, load_trainer_state
+    from msr_utmos_cli.training.checkpoints import find_checkpoint, load_trainer_state
 
     folder = find_checkpoint(out_dir)
     if folder is None:
@@ -353,7 +353,7 @@ def test_training_killed_mid_step_or_mid_checkpoint_resumes_to_the_same_weights(
     checkpoint writes too): the newest checkpoint on disk always loads, and resuming ends on
     bitwise the weights of an uninterrupted run (CPU)."""
     test_train = pytest.importorskip("test_train")
-    from msr_utmos_cli.train import fit
+    from msr_utmos_cli.training.train import fit
 
     steps, tests = 150, str(Path(__file__).parent)
     out = tmp_path / "run"
@@ -384,7 +384,8 @@ def test_training_killed_mid_step_or_mid_checkpoint_resumes_to_the_same_weights(
 
 def test_trainer_state_pickle_is_refused(tmp_path):
     """`--resume` reads trainer_state.pt with weights_only=True: a planted pickle is refused, not run."""
-    from msr_utmos_cli.train import STATE_FILE, TrainingError, load_trainer_state
+    from msr_utmos_cli.training import TrainingError
+    from msr_utmos_cli.training.checkpoints import STATE_FILE, load_trainer_state
 
     marker = tmp_path / "PWNED"
     torch.save({"step": 1, "evil": _Plant(str(marker))}, tmp_path / STATE_FILE)
