@@ -3,8 +3,8 @@
     python benchmarks/eval_bandwidth.py examples/slt_hts_clean_44k.flac /usr/share/sounds/alsa/Front_Center.wav
         [--model NAME|PATH] [--cutoffs 8000 4000]
 
-The low-pass is a band-limited resampling round trip (audio.band_limit), so the file keeps its rate and
-length and only loses what lies above the cutoff. A model that hears content above 8 kHz scores the
+The low-pass is a band-limited resampling round trip (torchaudio's sinc, as `audio.resample`), so the
+file keeps its rate and length and only loses what lies above the cutoff. A model that hears content above 8 kHz scores the
 full-band file higher than its 8 kHz version; the bundled model (distilled from 16 kHz DistillMOS) cannot.
 The effective bandwidth `utmos score` writes is shown for both.
 """
@@ -15,9 +15,15 @@ import argparse
 import torch
 
 from msr_utmos_cli import load_model
-from msr_utmos_cli.audio import band_limit, probe, read_segment
+from msr_utmos_cli.audio import probe, read_segment, resample
 from msr_utmos_cli.bandwidth import effective_bandwidth
 from msr_utmos_cli.provenance import describe, of_model
+
+
+def low_pass(wave: torch.Tensor, sr: int, cutoff: float) -> torch.Tensor:
+    """Down to 2 x cutoff and back up, trimmed or padded to the input's length. (T,) -> (T,)"""
+    y = resample(resample(wave, sr, int(2 * cutoff)), int(2 * cutoff), sr)
+    return torch.nn.functional.pad(y, (0, max(0, wave.shape[-1] - y.shape[-1])))[: wave.shape[-1]]
 
 
 def measure(model, path: str, cutoffs: list[float]) -> list[dict]:
@@ -26,7 +32,7 @@ def measure(model, path: str, cutoffs: list[float]) -> list[dict]:
     wave = torch.from_numpy(read_segment(info, 0, info.frames))
     rows = []
     for cutoff in [None, *cutoffs]:
-        x = wave if cutoff is None else band_limit(wave, info.sample_rate, cutoff)
+        x = wave if cutoff is None else low_pass(wave, info.sample_rate, cutoff)
         rows.append({"path": path, "sample_rate": info.sample_rate, "cutoff_hz": cutoff,
                      "bandwidth_hz": effective_bandwidth(x.numpy(), info.sample_rate),
                      "mos": float(model.score(x, info.sample_rate)[0])})
