@@ -325,13 +325,3 @@ def test_files_to_listen_to_in_terminal_and_html(tmp_path, monkeypatch):
         assert not src.startswith("/") and (html.parent / src).resolve().is_file(), src
     assert srcs[0] == "../audio/sysA/u1.wav"
 
-
-def test_report_modules_import_one_way():
-    """report_render lays out what report computes: report itself never imports it (no cycle)."""
-    import ast
-    from pathlib import Path
-
-    import msr_utmos_cli.report as report
-
-    tree = ast.parse(Path(report.__file__).read_text())
-    assert "report_render" not in {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
