@@ -172,13 +172,14 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=Path("corpus_ml"))
     ap.add_argument("--out", type=Path, default=Path("heldout.json"))
     ap.add_argument("--peers", default="distillmos,dnsmos", help="comma list of peers scored on the same clips")
-    ap.add_argument("--max-utts", type=int, default=0, help="first N held-out utterances only (smoke runs)")
+    ap.add_argument("--max-utts", type=int, default=0, help="about N held-out utterances, spread over the sources (quick runs)")
     ap.add_argument("--robust-clips", type=int, default=24, help="clean clips used for the level and silence tests")
     args = ap.parse_args()
     t0 = time.perf_counter()
     rows = [r for r in read_rows(args.corpus / "manifest.csv", None) if r["split"] == "heldout"]
     if args.max_utts:
-        keep = sorted({r["utt_id"] for r in rows})[: args.max_utts]
+        utts = sorted({r["utt_id"] for r in rows})
+        keep = set(utts[:: math.ceil(len(utts) / args.max_utts)])  # spread over every source and language
         rows = [r for r in rows if r["utt_id"] in keep]
     if not rows:
         sys.exit(f"{args.corpus / 'manifest.csv'}: no held-out clips (build it with scripts/build_multilingual.py)")
