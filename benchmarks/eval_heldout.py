@@ -116,7 +116,7 @@ def rate_spread(model, corpus: Path) -> dict:
     for r in read_rows(corpus / "rate_ladder.csv", None):
         w, sr = load(corpus / r["path"])
         scores[r["ladder_id"]][sr] = model_score(model, w, sr)
-    spread = [max(v.values()) - min(v.values()) for v in scores.values()]
+    spread = [max(v.values()) - min(v.values()) for v in scores.values() if all(s == s for s in v.values())]
     return {"clips": len(spread), "mean": statistics.fmean(spread), "worst": max(spread)}
 
 
