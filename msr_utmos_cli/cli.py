@@ -163,8 +163,8 @@ def score(
     workers: Annotated[Optional[int], typer.Option(min=0, metavar="N", help=(
         "Threads reading and decoding files ahead of the model. Default: 0 on a CPU, up to 16 with CUDA."))] = None,
     chunk_files: Annotated[Optional[int], typer.Option(min=1, hidden=True, help=(
-        "Files scored per flushed chunk: at most this many are redone after a kill. Default: 64, or 16 "
-        "batches' worth."))] = None,
+        "Files scored per flushed chunk: at most this many are redone after a kill. Default: 64, or 256 "
+        "per batch row."))] = None,
 ) -> None:
     """Predict the MOS of audio files at their native sampling rates.
 
@@ -214,6 +214,11 @@ def score(
         raise _err(console, str(e)) from None
     except KeyboardInterrupt:
         raise _err(console, f"interrupted; finished rows are in {out} (continue with --resume)", 130) from None
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if "out of memory" not in str(e):
+            raise
+        raise _err(console, f"out of memory on {net.device} at --batch-size {batch_size}; finished rows are in "
+                            f"{out} (continue with --resume and a smaller --batch-size)") from None
     finally:
         if bar is not None:
             bar.stop()

@@ -197,3 +197,23 @@ def test_bf16_runs_end_to_end_and_stays_near_fp32(bundled, mixed_dir):
     bf16 = moss(bundled, paths, batch_size=4, precision="bf16")
     diffs = [abs(bf16[p][0] - fp32[p][0]) for p in paths if not fp32[p][1]]
     assert 0 < max(diffs) < 0.2, diffs  # it really ran in bf16, and stayed on the scale
+
+
+def test_out_of_memory_is_a_one_line_error_that_keeps_finished_rows(tiny_model_dir, mixed_dir, tmp_path, monkeypatch):
+    from msr_utmos_cli import batching
+
+    calls, launch = [], batching.launch
+
+    def scarce(*args, **kw):
+        calls.append(1)
+        if len(calls) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return launch(*args, **kw)
+
+    monkeypatch.setattr(batching, "launch", scarce)
+    out = tmp_path / "s.csv"
+    r = CliRunner().invoke(app, ["score", str(mixed_dir), "--model", str(tiny_model_dir), "-o", str(out),
+                                 "--batch-size", "2", "--chunk-files", "2"])
+    assert r.exit_code == 2 and "out of memory on cpu at --batch-size 2" in r.output and "--resume" in r.output
+    assert "Traceback" not in r.output
+    assert len(read_csv(out)) >= 2  # the chunks scored before it are on disk
