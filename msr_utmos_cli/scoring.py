@@ -362,13 +362,14 @@ def score_chunks(model: MOSModel, paths: Iterable[tuple[str, str]], window_s: fl
     `progress(files)` is called as windows finish with the part of a file each covered.
     batch_size: windows per batch ('auto': batching.AUTO_BATCH); precision: fp32, bf16 or fp16;
     workers: threads reading files ahead of the model (None: batching.workers_for). A chunk holds
-    64 files, or 16 batches' worth when batching, so that batches fill.
+    64 files, or 256 per batch row when batching: a batch only holds windows of one rate and length
+    bucket, so it takes that many for most batches to fill (rows are still only Row objects).
     """
     n = batching.batch_size_for(batch_size, model.device)
     batching.check_precision(precision)
     threads = batching.workers_for(workers, model.device)
     it = iter(paths)
-    chunks = iter(lambda: list(islice(it, chunk_files or max(64, 16 * n))), [])
+    chunks = iter(lambda: list(islice(it, chunk_files or (64 if n == 1 else 256 * n))), [])
     planners = ThreadPoolExecutor(threads, "utmos-plan") if threads else None
     readers = ThreadPoolExecutor(threads, "utmos-read") if threads else None
     try:
