@@ -20,10 +20,12 @@ import numpy as np
 import torch
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Measured best per device (benchmarks/bench_score.py, docs/benchmarks.md). CPU: batching buys
-# nothing over one unpadded window at a time. CUDA: not yet measured on this release; a batch of
-# 32 windows (up to 20 s each) keeps a data-centre GPU busy in fp32 without approaching its memory.
-AUTO_BATCH = {"cpu": 1, "cuda": 32}
+# Batch size by device (benchmarks/bench_score.py, docs/benchmarks.md). CPU: one unpadded window at
+# a time, measured as fast as batching on a mixed set there. CUDA: not yet measured on this release;
+# a row of the `base` preset holding a 20 s window at 48 kHz takes ~0.45 GiB, so 32 rows suit a
+# data-centre GPU (40 GiB or more) and 8 a smaller one.
+AUTO_BATCH = {"cpu": 1, "cuda": 32, "small cuda": 8}
+BIG_GPU_BYTES = 40 * 2**30
 BUCKETS_PER_OCTAVE = 8  # padding costs at most 1/8 of a window's length
 READ_AHEAD = 4  # windows read ahead of the model, per reader thread and per batch row
 
@@ -44,7 +46,12 @@ def parse_batch_size(value) -> int | str:
 def batch_size_for(value, device: torch.device) -> int:
     """The batch size a run uses: the number given, or the measured best for the device."""
     value = parse_batch_size(value)
-    return AUTO_BATCH.get(torch.device(device).type, 1) if value == "auto" else value
+    if value != "auto":
+        return value
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < BIG_GPU_BYTES:
+        return AUTO_BATCH["small cuda"]
+    return AUTO_BATCH.get(device.type, 1)
 
 
 def workers_for(value: int | None, device: torch.device) -> int:

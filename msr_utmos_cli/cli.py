@@ -157,7 +157,7 @@ def score(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     batch_size: Annotated[str, typer.Option(metavar="N|auto", help=(
         "Windows scored together. A file's score never depends on the other files; batch sizes agree to "
-        "1e-5. auto: 1 on a CPU (fastest there), 32 on CUDA."))] = "auto",
+        "1e-5. auto: 1 on a CPU, 32 on a GPU of 40 GiB or more, else 8."))] = "auto",
     precision: Annotated[str, typer.Option(metavar="fp32|bf16|fp16", help=(
         "Arithmetic of the model; bf16 and fp16 are faster on a GPU and move scores slightly."))] = "fp32",
     workers: Annotated[Optional[int], typer.Option(min=0, metavar="N", help=(
