@@ -121,7 +121,9 @@ def child(spec: dict) -> dict:
 
 
 def batch_table(args) -> None:
-    """The batching table: every (model, device, precision, workers, batch size) in a fresh process."""
+    """The batching table: each (model, device, precision, workers, batch size) in a fresh process per
+    round, every configuration once a round, so a load that drifts (a shared machine) hits all alike;
+    the ratio to batch size 1 is the median of the rounds' ratios."""
     import itertools
     import json
 
@@ -130,33 +132,37 @@ def batch_table(args) -> None:
     files = {"bundled": args.files, "base": args.base_files}
     rates, (lo, hi) = [int(r) for r in args.rates.split(",")], [float(x) for x in args.seconds_range.split(",")]
     audio = {name: make_mix(tmp / name, n, rates, lo, hi) for name, n in files.items() if n}
-    lines = []
-    for name, dev, prec, workers in itertools.product(audio, args.devices.split(","), args.precisions.split(","),
-                                                      [int(w) for w in args.workers.split(",")]):
-        first = None
-        for bs in [int(b) for b in args.batch_sizes.split(",")]:
-            warm = sorted(str(p) for p in (tmp / name).iterdir())[:2]
+    configs = list(itertools.product(audio, args.devices.split(","), args.precisions.split(","),
+                                     [int(w) for w in args.workers.split(",")],
+                                     [int(b) for b in args.batch_sizes.split(",")]))
+    runs: dict[tuple, list[dict]] = {c: [] for c in configs}
+    for _ in range(args.repeats):
+        for c in configs:
+            name, dev, prec, workers, bs = c
             spec = {"model": models[name], "device": dev, "batch_size": bs, "precision": prec, "workers": workers,
-                    "folder": str(tmp / name), "warmup": warm, "repeats": args.repeats}
+                    "folder": str(tmp / name), "warmup": sorted(str(p) for p in (tmp / name).iterdir())[:2],
+                    "repeats": 1}
             p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                text=True)
             if p.returncode:
-                print(p.stderr[-2000:], file=sys.stderr)
-                continue
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            if bs == 1:
-                first = r["wall"]
-            ratio = f"{first / r['wall']:.2f}" if first else "-"
-            lines.append(f"| {name} | {dev} | {prec} | {workers} | {bs} | {audio[name]:.0f} | {r['wall']:.1f} | "
-                         f"{audio[name] / r['wall']:.1f} | {ratio}x | {r['peak_mib']:.0f} | {r['fill']:.2f} |")
-            print(lines[-1], flush=True)
+                print(f"{c}: {p.stderr[-2000:]}", file=sys.stderr)
+            else:
+                runs[c].append(json.loads(p.stdout.strip().splitlines()[-1]))
     print(f"\nmachine: {describe_machine(args.devices)}; torch {torch.__version__}; median of {args.repeats} "
-          f"after a warm-up; {files['bundled']} files for the bundled model, {files['base']} for base; "
+          f"rounds, each after a warm-up; {files['bundled']} files for the bundled model, {files['base']} for base; "
           f"{lo:g}-{hi:g} s at {args.rates} Hz")
     print("| model | device | precision | workers | batch | audio s | wall s | audio s / s | vs batch 1 | "
           "peak MiB | fill |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(lines))
+    for c, rs in runs.items():
+        if not rs:
+            continue
+        one = runs.get(c[:4] + (1,), [])
+        ratios = [a["wall"] / r["wall"] for a, r in zip(one, rs)]
+        wall = statistics.median(r["wall"] for r in rs)
+        ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+        print(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | {c[4]} | {audio[c[0]]:.0f} | {wall:.1f} | "
+              f"{audio[c[0]] / wall:.1f} | {ratio} | {max(r['peak_mib'] for r in rs):.0f} | {rs[0]['fill']:.2f} |")
 
 
 def describe_machine(devices: str) -> str:
