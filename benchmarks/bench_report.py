@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from msr_utmos_cli.report import build_report, render_html
+from msr_utmos_cli.report import build_report
+from msr_utmos_cli.report_render import render_html
 
 RATES = (16000, 24000, 44100, 48000)
 

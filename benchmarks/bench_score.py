@@ -34,6 +34,7 @@ import torch
 import torchaudio
 
 from msr_utmos_cli import PRESETS, load_model
+from msr_utmos_cli.checkpoint import parse_device
 from msr_utmos_cli.output import write_scores
 from msr_utmos_cli.testing import random_model, speechlike
 
@@ -187,7 +188,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8, help="the bare baseline's batch")
     ap.add_argument("--long-minutes", type=float, default=30.0, help="0 skips the long-file run")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", type=lambda s: str(parse_device(s)))
     ap.add_argument("--batch-sizes", help="e.g. 1,4: the batching table instead of the bare comparison")
     ap.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precisions", default="fp32")

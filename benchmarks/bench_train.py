@@ -19,10 +19,10 @@ import soundfile as sf
 import torch
 from torchaudio.models import wav2vec2_model
 
-from msr_utmos_cli import distill
-from msr_utmos_cli.config import load_config
+from msr_utmos_cli.training import distill
+from msr_utmos_cli.training.config import load_config
 from msr_utmos_cli.model import PRESETS
-from msr_utmos_cli.teachers import Wav2Vec2Teacher, default_params
+from msr_utmos_cli.training.teachers import Wav2Vec2Teacher, default_params
 
 
 def teacher_like(preset: str) -> Wav2Vec2Teacher:

@@ -50,6 +50,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from msr_utmos_cli import load_model
 from msr_utmos_cli.audio import heard_at, probe, read_segment, resample
+from msr_utmos_cli.checkpoint import parse_device
 from msr_utmos_cli.scoring import score_waveforms
 
 RATES = (8000, 16000, 22050, 24000, 44100, 48000)
@@ -81,7 +82,7 @@ def teacher_scores(paths: list[Path], cache_path: Path, device: str, batch_size:
     keys = [f"{p.resolve()}|{p.stat().st_mtime_ns}" + (f"|{hear_at}" if hear_at else "") for p in paths]
     todo = [i for i, k in enumerate(keys) if k not in cache]
     if todo:
-        from msr_utmos_cli.teachers import DistillMOSTeacher
+        from msr_utmos_cli.training.teachers import DistillMOSTeacher
 
         teacher = DistillMOSTeacher().to(device)
         waves = {i: heard_at(*load(paths[i]), hear_at, TEACHER_RATE) for i in todo}
@@ -353,7 +354,7 @@ def main() -> None:
     ap.add_argument("--plots", type=Path, default=None, help="folder for eval_agreement.png, eval_rate_ladder.png")
     ap.add_argument("--batch-size", type=int, default=16, help="DistillMOS batch (the student scores each clip alone)")
     ap.add_argument("--max-clips", type=int, default=0, help="first N clips of the split only (smoke runs)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", type=lambda s: str(parse_device(s)))
     ap.add_argument("--check-against", type=Path, default=None, metavar="JSON",
                     help="a reference result (docs/eval_default_model.json): exit 1 unless SRCC and mean abs. "
                          f"difference at every rate are within {TOLERANCE['srcc']} and {TOLERANCE['mad']} of it "

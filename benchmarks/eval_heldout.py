@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from eval_default_model import agreement, load, read_rows, severity_pairs, teacher_scores  # noqa: E402
 
 from msr_utmos_cli import load_model  # noqa: E402
-from msr_utmos_cli.audio import resample  # noqa: E402
+from msr_utmos_cli.audio import AudioError, resample  # noqa: E402
 from msr_utmos_cli.scoring import score_waveforms  # noqa: E402
 
 RATES = (8000, 16000, 24000, 48000)
@@ -79,6 +80,14 @@ def distillmos_array(teacher, wave: torch.Tensor, sr: int) -> float:
     return float(teacher(x, torch.tensor([x.shape[1]]))["mos"][0])
 
 
+def model_score(model, wave: torch.Tensor, sr: int) -> float:
+    """The model's MOS, or NaN where it refuses the input (e.g. all silent)."""
+    try:
+        return score_waveforms(model, [wave], sr)[0]
+    except AudioError:
+        return math.nan
+
+
 # --- the five measurements ---------------------------------------------------------------------
 def severity(rows: list[dict], scores: dict[str, list[float]]) -> dict:
     """{judge: {"all": share, type: share}} over same-utterance pairs."""
@@ -106,7 +115,7 @@ def rate_spread(model, corpus: Path) -> dict:
     scores = defaultdict(dict)
     for r in read_rows(corpus / "rate_ladder.csv", None):
         w, sr = load(corpus / r["path"])
-        scores[r["ladder_id"]][sr] = score_waveforms(model, [w], sr)[0]
+        scores[r["ladder_id"]][sr] = model_score(model, w, sr)
     spread = [max(v.values()) - min(v.values()) for v in scores.values()]
     return {"clips": len(spread), "mean": statistics.fmean(spread), "worst": max(spread)}
 
@@ -163,13 +172,14 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=Path("corpus_ml"))
     ap.add_argument("--out", type=Path, default=Path("heldout.json"))
     ap.add_argument("--peers", default="distillmos,dnsmos", help="comma list of peers scored on the same clips")
-    ap.add_argument("--max-utts", type=int, default=0, help="first N held-out utterances only (smoke runs)")
-    ap.add_argument("--robust-clips", type=int, default=40, help="clean clips used for the level and silence tests")
+    ap.add_argument("--max-utts", type=int, default=0, help="about N held-out utterances, spread over the sources (quick runs)")
+    ap.add_argument("--robust-clips", type=int, default=24, help="clean clips used for the level and silence tests")
     args = ap.parse_args()
     t0 = time.perf_counter()
     rows = [r for r in read_rows(args.corpus / "manifest.csv", None) if r["split"] == "heldout"]
     if args.max_utts:
-        keep = sorted({r["utt_id"] for r in rows})[: args.max_utts]
+        utts = sorted({r["utt_id"] for r in rows})
+        keep = set(utts[:: math.ceil(len(utts) / args.max_utts)])  # spread over every source and language
         rows = [r for r in rows if r["utt_id"] in keep]
     if not rows:
         sys.exit(f"{args.corpus / 'manifest.csv'}: no held-out clips (build it with scripts/build_multilingual.py)")
@@ -179,20 +189,25 @@ def main() -> None:
     teacher = teacher_scores(paths, cache / "teacher_distillmos_cache.json", "cpu", 16)
     model = load_model(args.model, "cpu")
     audio = [load(p) for p in paths]
-    native = [score_waveforms(model, [w], sr)[0] for w, sr in audio]
+    native = [model_score(model, w, sr) for w, sr in audio]
+    keep = [i for i, s in enumerate(native) if s == s]  # a clip the model refuses (all silent) is left out for all
+    if len(keep) < len(rows):
+        print(f"left out {len(rows) - len(keep)} clip(s) the model cannot score", file=sys.stderr)
+        rows, paths, audio, native, teacher = ([x[i] for i in keep] for x in (rows, paths, audio, native, teacher))
     judges = {"model": native, "distillmos": teacher}
     if "dnsmos" in peers:
         judges["dnsmos"] = dnsmos_scores(paths, cache / "dnsmos_cache.json")
     agree = {}
     for rate in RATES:
-        at = [score_waveforms(model, [resample(w, sr, rate)], rate)[0] for w, sr in audio]
+        at = [native[i] if sr == rate else model_score(model, resample(w, sr, rate), rate)
+              for i, (w, sr) in enumerate(audio)]
         agree[str(rate)] = {"model": agreement(at, teacher)}
         if "dnsmos" in judges:
             agree[str(rate)]["dnsmos"] = agreement(judges["dnsmos"], teacher)
     clean = [audio[i] for i, r in enumerate(rows) if r["degradation"] == "clean"][: args.robust_clips]
-    funcs = {"model": lambda w, sr: score_waveforms(model, [w], sr)[0]}
+    funcs = {"model": lambda w, sr: model_score(model, w, sr)}
     if "distillmos" in peers:
-        from msr_utmos_cli.teachers import DistillMOSTeacher
+        from msr_utmos_cli.training.teachers import DistillMOSTeacher
 
         dm = DistillMOSTeacher().eval()
         funcs["distillmos"] = lambda w, sr: distillmos_array(dm, w, sr)

@@ -35,8 +35,8 @@ import eval_default_model as ev  # noqa: E402
 from msr_utmos_cli import load_model  # noqa: E402
 from msr_utmos_cli.audio import resample  # noqa: E402
 from msr_utmos_cli.checkpoint import ModelLoadError  # noqa: E402
-from msr_utmos_cli.config import ConfigError  # noqa: E402
-from msr_utmos_cli.distill import read_teacher_labels  # noqa: E402
+from msr_utmos_cli.training.config import ConfigError  # noqa: E402
+from msr_utmos_cli.training.teacher_cache import read_teacher_labels  # noqa: E402
 
 
 def labelled(manifest: Path, labels: Path, split: str) -> tuple[list[Path], np.ndarray]:
@@ -64,8 +64,8 @@ def pooled_layers(model, paths: list[Path], rates, depth: int | None = None) -> 
 
 def pooled(model, paths: list[Path], rates) -> dict[int, np.ndarray]:
     """{rate: (N, 2D)}: mean and standard deviation over frames of the head layer's output."""
-    layer = model.cfg.head_layer % model.cfg.num_layers
-    return {r: v[layer + 1] for r, v in pooled_layers(model, paths, rates, layer + 1).items()}
+    depth = model.readout_depth  # [CNN output, layer 1, ...]: the head's layer is at index depth
+    return {r: v[depth] for r, v in pooled_layers(model, paths, rates, depth).items()}
 
 
 def _mean_std(frames: torch.Tensor) -> np.ndarray:
@@ -140,7 +140,7 @@ def main() -> None:
         sys.exit(f"error: {len(train)} labelled training and {len(test)} labelled test clips; need 3 of each")
     if args.per_layer:
         ltr, lte = pooled_layers(model, train, args.rates), pooled_layers(model, test, args.rates)
-        head = model.cfg.head_layer % model.cfg.num_layers + 1
+        head = model.readout_depth
         xtr, xte = ({r: v[head] for r, v in d.items()} for d in (ltr, lte))
     else:
         xtr, xte = pooled(model, train, args.rates), pooled(model, test, args.rates)

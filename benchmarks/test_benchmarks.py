@@ -252,3 +252,17 @@ def test_probe_frozen_features_end_to_end(tiny_model_dir, tmp_path, monkeypatch)
     cnn = x[0, :int(n[0])].double()
     assert every[0].shape == (1, 2 * x.shape[-1])
     assert np.allclose(every[0][0], torch.cat([cnn.mean(0), cnn.std(0, unbiased=False)]).numpy(), atol=1e-6)
+
+
+def test_eval_bandwidth_scores_each_file_at_full_band_and_low_passed(tiny_model_dir, tmp_path, capsys):
+    import eval_bandwidth
+
+    sf.write(tmp_path / "a.wav", speechlike(24000, 1.0, seed=2), 24000, subtype="PCM_16")
+    model = load_model(tiny_model_dir, "cpu")
+    rows = eval_bandwidth.measure(model, str(tmp_path / "a.wav"), [8000.0, 4000.0])
+    assert [r["cutoff_hz"] for r in rows] == [None, 8000.0, 4000.0]
+    assert rows[0]["mos"] == pytest.approx(float(model.score(sf.read(tmp_path / "a.wav", dtype="float32")[0], 24000)[0]))
+    assert rows[0]["bandwidth_hz"] == 12000 and rows[2]["bandwidth_hz"] < 12000
+    assert len({r["mos"] for r in rows}) == 3  # the low-pass changed what the model heard
+    eval_bandwidth.main([str(tmp_path / "a.wav"), "--model", str(tiny_model_dir), "--cutoffs", "8000"])
+    assert capsys.readouterr().out.count("a.wav") == 2

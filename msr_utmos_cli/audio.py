@@ -1,11 +1,14 @@
 """Audio I/O and pure DSP helpers. Audio is never resampled for scoring; only training uses `resample`."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import shutil
 import stat
-from dataclasses import dataclass
+import subprocess
+from dataclasses import dataclass, field
 
 import numpy as np
 import soundfile as sf
@@ -16,9 +19,12 @@ MIN_RATE = 8000      # below this the SFI layer would have fewer than 5 taps per
 MAX_RATE = 192000    # above this the taps per window (and memory) grow with no benefit for speech
 READ_BLOCK = 1 << 20  # samples (all channels) read at a time: bounds memory for many-channel files
 SILENCE_PEAK = 1e-5  # -100 dBFS: a file whose peak stays below this is treated as silent
-AUDIO_EXTENSIONS = frozenset(
-    {f".{k.lower()}" for k in sf.available_formats()} | {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus",
-                                                         ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"})
+SNDFILE_EXTENSIONS = frozenset(  # what libsndfile reads itself; its verdict on these is final
+    {f".{k.lower()}" for k in sf.available_formats()} | {".wave", ".oga", ".opus", ".aif"})
+AUDIO_EXTENSIONS = SNDFILE_EXTENSIONS | {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".au", ".caf", ".w64"}
+FFMPEG_EXTENSIONS = frozenset({  # libsndfile cannot read these; ffmpeg, when installed, decodes them
+    ".m4a", ".m4b", ".mp4", ".aac", ".wma", ".webm", ".mka", ".mkv", ".amr", ".awb", ".3gp", ".ac3",
+    ".wv", ".ape", ".spx", ".mov"})
 
 
 NAN_ERROR = "audio contains NaN or Inf samples"
@@ -61,6 +67,7 @@ class AudioInfo:
     sample_rate: int
     frames: int
     channels: int
+    decoded: np.ndarray | None = field(default=None, compare=False, repr=False)  # (T, C), read through ffmpeg
 
     @property
     def duration(self) -> float:
@@ -92,13 +99,66 @@ def _native(path: str) -> str | bytes:
     return path if os.name == "nt" else os.fsencode(path)
 
 
+def ffmpeg_tools() -> tuple[str, str] | None:
+    """(ffmpeg, ffprobe) when both are installed: they read what libsndfile cannot."""
+    tools = shutil.which("ffmpeg"), shutil.which("ffprobe")
+    return tools if all(tools) else None
+
+
+def audio_extensions() -> frozenset[str]:
+    """Extensions a directory walk scores: libsndfile's, and ffmpeg's when it is installed."""
+    return AUDIO_EXTENSIONS | FFMPEG_EXTENSIONS if ffmpeg_tools() else AUDIO_EXTENSIONS
+
+
+def _ffmpeg_error(p: subprocess.CompletedProcess, path: str) -> str:
+    lines = p.stderr.decode("utf-8", "replace").strip().splitlines()
+    msg = lines[-1].replace(f"file:{path}", "").strip(" :") if lines else f"exit status {p.returncode}"
+    return f"cannot read audio (ffmpeg: {msg or 'no audio'})"
+
+
+def decode_ffmpeg(path: str, cause: str) -> AudioInfo:
+    """A file libsndfile cannot read (m4a/AAC, wma, ...) decoded whole by ffmpeg to float32 at its own rate.
+
+    The channels are kept and mixed (or picked) as for any file, so a file and its decoded wav score
+    alike. Raises the one-line error, with a hint, when ffmpeg is not installed."""
+    ext = os.path.splitext(path)[1].lower()
+    tools = ffmpeg_tools()
+    if tools is None:
+        hint = f"; install ffmpeg to read {ext}" if ext in FFMPEG_EXTENSIONS else ""
+        raise AudioError(f"cannot read audio ({cause}){hint}")
+    src = b"file:" + os.fsencode(path)  # `file:`: a name with a colon is not taken for a protocol
+    p = subprocess.run([tools[1], "-v", "error", "-select_streams", "a:0", "-show_entries",
+                        "stream=sample_rate,channels", "-of", "json", src], capture_output=True, stdin=subprocess.DEVNULL)
+    try:
+        stream = json.loads(p.stdout or b"{}").get("streams", [None])[0]
+        sr, channels = int(stream["sample_rate"]), int(stream["channels"])
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise AudioError(_ffmpeg_error(p, path) if p.returncode else "cannot read audio (no audio stream)") from None
+    check_rate(sr)
+    if channels < 1:
+        raise AudioError("cannot read audio (ffmpeg: no audio channels)")
+    p = subprocess.run([tools[0], "-nostdin", "-v", "error", "-i", src, "-map", "0:a:0", "-ac", str(channels),
+                        "-ar", str(sr), "-c:a", "pcm_f32le", "-f", "f32le", "-"],
+                       capture_output=True, stdin=subprocess.DEVNULL)
+    if p.returncode:
+        raise AudioError(_ffmpeg_error(p, path))
+    x = np.frombuffer(p.stdout, dtype="<f4")
+    x = x[: x.size - x.size % channels].reshape(-1, channels)  # (T, C)
+    if not x.shape[0]:
+        raise AudioError("empty audio (0 samples)")
+    return AudioInfo(path, sr, int(x.shape[0]), channels, x)
+
+
 def probe(path: str) -> AudioInfo:
-    """Header only: rate, length and channels, without reading the samples."""
+    """Header only: rate, length and channels, without reading the samples (except through ffmpeg,
+    which decodes the whole file: for formats libsndfile cannot read)."""
     native = _native(path)
     try:
         info = sf.info(native)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
-        raise AudioError(f"cannot read audio ({_cause(e)})") from None
+        if os.path.splitext(path)[1].lower() in SNDFILE_EXTENSIONS:
+            raise AudioError(f"cannot read audio ({_cause(e)})") from None
+        return decode_ffmpeg(path, _cause(e))
     if info.frames <= 0:
         raise AudioError("empty audio (0 samples)")
     check_rate(info.samplerate)
@@ -119,6 +179,8 @@ def read_segment(info: AudioInfo, start: int, stop: int, channel: int | None = N
 
     Read in blocks of at most READ_BLOCK samples and mixed down block by block, so memory is
     one mono window whatever the channel count."""
+    if info.decoded is not None:
+        return to_mono(info.decoded[start:stop], channel).copy()  # writable, as a file read gives
     parts, got = [], 0
     try:
         with sf.SoundFile(_native(info.path)) as f:
@@ -178,17 +240,6 @@ def input_span(read, frames: int, sr: int, rms_db: float | None, trim_db: float 
         rms = math.sqrt(energy / max(stop - start, 1))
         gain = min(10 ** (rms_db / 20) / max(rms, 1e-12), 0.99 / peak)
     return Span(start, stop, gain, peak)
-
-
-def band_limit(wave: torch.Tensor, sr: int, cutoff_hz: float) -> torch.Tensor:
-    """Remove content above `cutoff_hz` by a band-limited down/up resampling round trip. (..., T) -> (..., T)."""
-    inner = int(2 * cutoff_hz)
-    if inner >= sr:
-        return wave
-    g = math.gcd(sr, inner)
-    y = AF.resample(AF.resample(wave, sr // g, inner // g), inner // g, sr // g)
-    return y[..., : wave.shape[-1]] if y.shape[-1] >= wave.shape[-1] else torch.nn.functional.pad(
-        y, (0, wave.shape[-1] - y.shape[-1]))
 
 
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from .rows import DEFAULT_WINDOW_S
+
 
 class _Flags:
     """Help without Python type tags (`<bool>`, `<list[str]>`): a flag's name says all there is,
@@ -71,11 +73,12 @@ def _err(console, msg: str, code: int = 2):
 
 
 def _missing(paths: list[str]) -> list[str]:
-    """Command-line paths (and @list files) that do not exist; the paths inside a list get rows."""
+    """Command-line paths (and @list or scp: files) that do not exist; the paths inside a list get rows."""
     import os
 
     return [p for p in paths if p != "-" and not os.path.lexists(p)
-            and not (p.startswith("@") and os.path.lexists(p[1:]))]
+            and not (p.startswith("@") and os.path.lexists(p[1:]))
+            and not (p.startswith("scp:") and os.path.lexists(p[4:]))]
 
 
 def _progress(console):
@@ -130,8 +133,9 @@ def _engine(batch_size: str, precision: str) -> dict:
 @app.command(cls=_Command)
 def score(
     paths: Annotated[list[str], typer.Argument(
-        metavar="PATH", help="Audio files, directories (walked recursively, sorted), '-' for paths on stdin, "
-                                "or @list.txt (one path a line).")],
+        metavar="PATH", help="Audio files, folders (walked recursively, sorted), '-' (paths on stdin), @list.txt, "
+                                "or a Kaldi wav.scp (*.scp or scp:FILE; ids in the utt_id column). m4a, aac, wma... "
+                                "are decoded by ffmpeg when it is installed.")],
     out: Annotated[str, typer.Option("--out", "-o", metavar="FILE", help=(
         "Output file; '-' writes the data to stdout. An existing file with rows is refused "
         "unless --resume or --overwrite."))] = "-",
@@ -143,7 +147,7 @@ def score(
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto (CUDA when available), cpu, cuda, cuda:N "
                                                                "or mps.")] = "auto",
     window: Annotated[float, typer.Option(min=1.0, metavar="SECONDS", help=(
-        "Longest window; longer files are cut into equal windows and all frame scores averaged."))] = 20.0,
+        "Longest window; longer files are cut into equal windows and all frame scores averaged."))] = DEFAULT_WINDOW_S,
     channel: Annotated[Optional[int], typer.Option(min=0, metavar="N", help=(
         "Score this channel (0-based) instead of the mean of all channels."))] = None,
     recursive: Annotated[bool, typer.Option(help="Walk directories recursively.")] = True,
@@ -167,6 +171,10 @@ def score(
         "per batch row."))] = None,
 ) -> None:
     """Predict the MOS of audio files at their native sampling rates.
+
+    The bundled model scores speech quality as 16 kHz DistillMOS judges it (noise, codecs, band limits
+    below 8 kHz); content above ~8 kHz is not rewarded (examples/slt_hts_clean_44k.flac: 3.675 full band,
+    3.693 low-passed to 8 kHz). Column bandwidth_hz estimates how high each file's content goes.
 
     Exit 1 when no file could be scored or a gate (--strict, --fail-under) fails; 2 on a usage or
     input error (a missing path, no audio found, an output that would be replaced); 130 when
@@ -237,8 +245,8 @@ def _train(run, user_errors: tuple, verb: str) -> None:
     (checkpoint kept)."""
     import os
 
-    from .config import ConfigError
-    from .train import OutDirError, TrainingError
+    from .training.config import ConfigError
+    from .training import OutDirError, TrainingError
 
     main = os.environ.get("RANK", "0") == "0"
     try:
@@ -270,7 +278,7 @@ PAPER_HELP = ("The paper's LightningCLI configs and --section.key=value flags ar
 
 def _sets(ctx: typer.Context, set_: list[str] | None) -> list[str]:
     """--set values, then the paper's dotted flags (`--trainer.max_epochs=5`) as more of them."""
-    from .paper_config import dotted_flags
+    from .training.paper_config import dotted_flags
 
     return [*(set_ or []), *dotted_flags(ctx.args)]
 
@@ -279,7 +287,7 @@ def _print_config(resolve) -> None:
     """--print-config: the resolved config as YAML on stdout, exit 0 (2 on a bad config)."""
     import yaml
 
-    from .config import ConfigError
+    from .training.config import ConfigError
 
     try:
         _, resolved, note = resolve()
@@ -316,15 +324,15 @@ def distill(ctx: typer.Context, config: ConfigOpt = None, set_: SetOpt = None, r
     utmos distill -c configs/distill_wav2vec2_base.yaml --resume
     ```
     """
-    from .teachers import TeacherError
+    from .training.teachers import TeacherError
 
     def run(log):
-        from .distill import run
+        from .training.distill import run
 
         return run(config, _sets(ctx, set_), resume=resume, log=log, overwrite=overwrite)
 
     if print_config:
-        from .distill import resolve
+        from .training.distill import resolve
 
         _print_config(lambda: resolve(config, _sets(ctx, set_)))
     _train(run, (TeacherError,), "distilled")
@@ -356,16 +364,16 @@ def finetune(
     ```
     """
     from .checkpoint import ModelLoadError
-    from .labels import LabelError
+    from .training.labels import LabelError
 
     def run(log):
-        from .finetune import run
+        from .training.finetune import run
 
         return run(config, _sets(ctx, set_), init=init, wav_root=wav_root, skip_bad_rows=skip_bad_rows,
                    resume=resume, log=log, overwrite=overwrite)
 
     if print_config:
-        from .finetune import resolve
+        from .training.finetune import resolve
 
         _print_config(lambda: resolve(config, _sets(ctx, set_), init, wav_root))
     _train(run, (LabelError, ModelLoadError), "fine-tuned")
@@ -408,11 +416,13 @@ def report(
     truth: Annotated[Optional[Path], typer.Option(metavar="CSV", help=(
         "Listening-test labels: CSV path,mos[,system,listener,domain]; repeated paths are averaged."))] = None,
     system_regex: Annotated[Optional[str], typer.Option(metavar="REGEX", help=(
-        "Regex searched in each file name; the system is group 1 (or the whole match). "
-        "Default: the parent folder name."))] = None,
+        "Regex searched in each file name: system = group (?P<system>), group 1 or the match; utterance id = "
+        "(?P<utt>) or the name without the match. Default: the parent folder."))] = None,
     system_per_file: Annotated[bool, typer.Option(
         "--system-per-file", help="One score file per system; the system is the score file's stem.")] = False,
-    html: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write a self-contained HTML report here.")] = None,
+    system_depth: Annotated[Optional[int], typer.Option(metavar="N", help=(
+        "The system is the top N folders below the folder all scored files share (sysA/sub/x.wav: sysA)."))] = None,
+    html: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write an HTML report here.")] = None,
     json_out: Annotated[Optional[str], typer.Option(
         "--json", metavar="FILE", help="Write the report as JSON to this path, or '-' for stdout.")] = None,
     baseline: Annotated[Optional[Path], typer.Option(metavar="SCORES", help=(
@@ -423,10 +433,13 @@ def report(
         "Exit 1 if any system's mean drops by more than this versus --baseline."))] = None,
     n_boot: Annotated[int, typer.Option(metavar="N", help="Bootstrap resamples for the 95% intervals.")] = 2000,
     seed: Annotated[int, typer.Option(metavar="N", help="Seed for the bootstrap.")] = 0,
+    worst: Annotated[int, typer.Option(min=0, metavar="N", help=(
+        "List the N lowest-scored files, and the N furthest from the truth (HTML: with audio players)."))] = 10,
 ) -> None:
     """Summarise score files per system and against listening-test truth.
 
-    Warns when the score files (or the baseline) were made by different models.
+    Truth: --truth or a `true_mos` column. --baseline pairs files by path, else utterance id. Warns on
+    repeated paths and on scores (or a baseline) from different models.
 
     Example: fail CI if any system lost more than 0.1 MOS against last release's scores:
 
@@ -436,15 +449,16 @@ def report(
     """
     from rich.console import Console
 
-    from .report import ReportError, build_report, check_writable, print_report, render_html, report_json
+    from .report import ReportError, build_report, check_writable, report_json
+    from .report_render import print_report, render_html
 
     try:
         for path in (html, None if json_out == "-" else json_out):
             if path is not None:
                 check_writable(path)
         rep = build_report(scores, truth, system_regex=system_regex, system_per_file=system_per_file,
-                           baseline=baseline, fail_under=fail_under, fail_drop=fail_drop,
-                           n_boot=n_boot, seed=seed)
+                           system_depth=system_depth, baseline=baseline, fail_under=fail_under,
+                           fail_drop=fail_drop, n_boot=n_boot, seed=seed, worst=worst)
         for w in rep["warnings"]:
             typer.echo(f"warning: {w}", err=True)
         # With --json -, stdout is for the JSON alone; the tables go to stderr.

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from .audio import MAX_RATE, MIN_RATE
-from .model import ChannelLayerNorm, MOSModel, clip_mos
-from .scoring import min_samples
+from .model import ChannelLayerNorm, MOSModel
+from .rows import DEFAULT_WINDOW_S
+from .scoring import clip_mos, min_samples
 
 MAX_PERIOD = 128  # offsets (one Conv node each) before a rate is refused
 TOLERANCE = 1e-4  # largest |ONNX - PyTorch| MOS difference accepted by `export_onnx`'s own check
@@ -65,7 +66,8 @@ class FixedRateScorer(nn.Module):
     """The model at one rate for equal-length inputs: wave (B, T) -> (MOS (B,) on 1-5, frame scores (B, F)).
 
     The MOS is the clipped mean of the frame scores, as `utmos score` gives for a clip up to its window
-    length (20 s); for longer audio, cut equal windows and average all their frame scores before clipping.
+    length (rows.DEFAULT_WINDOW_S); for longer audio, cut equal windows and average all their frame scores
+    before clipping.
     """
 
     def __init__(self, model: MOSModel, rate: int):
@@ -82,10 +84,9 @@ class FixedRateScorer(nn.Module):
         x = nn.functional.gelu(x)
         for block in m.convs:
             x, _ = block(x, None)  # (B, C, F)
-        layer = m.cfg.head_layer % m.cfg.num_layers
-        feats = m.encoder.extract_features(x.transpose(1, 2), None, layer + 1)[layer]  # (B, F, D)
-        frames = m.head(feats, None)  # (B, F)
-        return clip_mos(frames.mean(dim=1)), frames
+        feats = m.encoder.extract_features(x.transpose(1, 2), None, m.readout_depth)  # [(B, F, D)]
+        frames, mos = m.readout(feats, None)  # (B, F), (B,)
+        return clip_mos(mos), frames
 
 
 def export_onnx(model: MOSModel, rate: int, out: str | os.PathLike, check_seconds: float = 1.5) -> dict:
@@ -123,8 +124,8 @@ def export_onnx(model: MOSModel, rate: int, out: str | os.PathLike, check_second
                           f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
     graph = onnx.load(str(out))
     meta = {"sample_rate": rate, "min_samples": need, "source": getattr(model, "source", ""),
-            "mos": "clipped mean of frame_scores (1-5); longer audio: cut equal windows of <= 20 s and average "
-                   "all their frame scores before clipping, as utmos score does"}
+            "mos": "clipped mean of frame_scores (1-5); longer audio: cut equal windows of <= "
+                   f"{DEFAULT_WINDOW_S:g} s and average all their frame scores before clipping, as utmos score does"}
     onnx.helper.set_model_props(graph, {k: str(v) for k, v in meta.items()})
     onnx.save(graph, str(out))
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from torchaudio.models.wav2vec2 import components
 
+from .audio import check_rate
+from .rows import DEFAULT_WINDOW_S
+from .scoring import as_waveforms, min_samples, score_files, score_waveforms
 from .sfi import SFIConv1d
-
-MOS_MIN, MOS_MAX = 1.0, 5.0
 
 
 @dataclass
@@ -228,22 +229,34 @@ class MOSModel(nn.Module):
         x, n = self.conv_features(wave, lengths, sr)
         return self.encoder.extract_features(x, n, num_layers), n
 
+    @property
+    def readout_depth(self) -> int:
+        """Encoder layers to run for the head: up to the one it reads (cfg.head_layer, -1 the last)."""
+        return self.cfg.head_layer % self.cfg.num_layers + 1
+
+    def readout(self, layers: list[torch.Tensor], n: torch.Tensor | None, domain: torch.Tensor | None = None,
+                listener: torch.Tensor | None = None, fixed_shapes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder outputs [(B, F, D)] (readout_depth or more), valid frames (B,) -> per-frame scores (B, F)
+        (padding 0) and unclipped utterance scores (B,), the mean over valid frames. n None: all valid.
+        fixed_shapes: as for MOSHead.forward."""
+        frames = self.head(layers[self.readout_depth - 1], n, domain, listener, fixed_shapes)
+        return frames, frames.mean(dim=1) if n is None else frames.sum(1) / n.clamp(min=1)
+
     def frame_scores(self, wave: torch.Tensor, lengths: torch.Tensor | None, sr: int,
                      domain: torch.Tensor | None = None, listener: torch.Tensor | None = None,
                      fixed_shapes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """wave (B, T) -> per-frame scores (B, F) (padding = 0) and valid frames (B,).
         fixed_shapes: shapes from wave's shape alone (MOSHead.forward), for batched scoring."""
-        layer = self.cfg.head_layer % self.cfg.num_layers
-        feats, n = self.extract_features(wave, lengths, sr, num_layers=layer + 1)
-        return self.head(feats[layer], n, domain, listener, fixed_shapes), n
+        feats, n = self.extract_features(wave, lengths, sr, num_layers=self.readout_depth)
+        return self.readout(feats, n, domain, listener, fixed_shapes)[0], n
 
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None, sr: int,
                 domain: torch.Tensor | None = None, listener: torch.Tensor | None = None) -> torch.Tensor:
         """wave (B, T) -> unclipped utterance scores (B,): mean of the valid frames' scores."""
-        frames, n = self.frame_scores(wave, lengths, sr, domain, listener)
-        return frames.sum(1) / n.clamp(min=1)
+        feats, n = self.extract_features(wave, lengths, sr, num_layers=self.readout_depth)
+        return self.readout(feats, n, domain, listener)[1]
 
-    def score(self, wave, sr: int, window_s: float = 20.0, channel: int | None = None,
+    def score(self, wave, sr: int, window_s: float = DEFAULT_WINDOW_S, channel: int | None = None,
               channel_axis: int | None = None, batch_size: int | str = "auto", precision: str = "fp32"
               ) -> torch.Tensor:
         """MOS on the 1-5 scale -> (B,), under the same input rules as `utmos score`.
@@ -255,23 +268,13 @@ class MOSModel(nn.Module):
         the score is the mean of all frame scores, so it does not depend on where windows fall.
         batch_size and precision: as for `utmos score` (a score never depends on the rest of the batch).
         """
-        from .audio import check_rate
-        from .scoring import as_waveforms, min_samples, score_waveforms  # one scoring path for the API and the CLI
-
         need = min_samples(self, check_rate(sr))
         waves = as_waveforms(wave, sr, need, channel, channel_axis)
         return torch.tensor(score_waveforms(self, waves, sr, window_s, batch_size, precision))
 
-    def score_files(self, paths, window_s: float = 20.0, channel: int | None = None, batch_size: int | str = "auto",
-                    precision: str = "fp32", workers: int | None = None) -> list:
-        """One scoring.Row per audio file path (mos, or the CLI's one-line error), in order: `utmos score`'s
+    def score_files(self, paths, window_s: float = DEFAULT_WINDOW_S, channel: int | None = None,
+                    batch_size: int | str = "auto", precision: str = "fp32", workers: int | None = None) -> list:
+        """One rows.Row per audio file path (mos, or the CLI's one-line error), in order: `utmos score`'s
         engine, with its --batch-size, --precision and --workers."""
-        from .scoring import score_files
-
         return list(score_files(self, paths, window_s=window_s, channel=channel, batch_size=batch_size,
                                 precision=precision, workers=workers))
-
-
-def clip_mos(x: torch.Tensor) -> torch.Tensor:
-    """Scores are reported on the 1-5 scale: values outside it are clipped, never rescaled."""
-    return x.clamp(MOS_MIN, MOS_MAX)

@@ -17,13 +17,13 @@ import os
 import re
 import stat
 import sys
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from .provenance import FIELDS as PROVENANCE, META_SUFFIX, describe, of_model, read_meta, same_model
-from .scoring import Row, iter_inputs, score_chunks
+from .rows import COLUMNS, Row
+from .scoring import iter_inputs, score_chunks
 
-COLUMNS = ["path", "sample_rate", "duration_s", "mos", "error"]
 JSONL_KEYS = COLUMNS + PROVENANCE
 CSV_HEADER = ",".join(COLUMNS)
 
@@ -36,23 +36,30 @@ class ReaderGone(OutputError):
     """stdout's reader went away (`utmos score ... | head`): stop quietly, as `cat` would."""
 
 
-def _fmt(row: Row) -> dict:
+def _key(path: str, utt_id) -> tuple[str, str]:
+    """What --resume skips: a path, or one wav.scp line (two ids may name one file)."""
+    return path, utt_id or ""
+
+
+def row_fields(row: Row) -> dict:
+    """A row as the file holds it: duration to 0.1 ms, MOS to 5 decimals."""
     return {"path": row.path, "sample_rate": row.sample_rate,
             "duration_s": None if row.duration_s is None else round(row.duration_s, 4),
-            "mos": None if row.mos is None else round(row.mos, 5), "error": row.error}
+            "mos": None if row.mos is None else round(row.mos, 5), "error": row.error,
+            "bandwidth_hz": row.bandwidth_hz, "utt_id": row.utt_id}
 
 
 def format_rows(rows: list[Row], fmt: str, header: bool, prov: dict | None = None) -> str:
     buf = io.StringIO()
     if fmt == "jsonl":
         for r in rows:
-            buf.write(json.dumps({**_fmt(r), **(prov or {})}, ensure_ascii=False) + "\n")
+            buf.write(json.dumps({**row_fields(r), **(prov or {})}, ensure_ascii=False) + "\n")
     else:
         w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
         if header:
             w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in _fmt(r).items()})
+            w.writerow({k: ("" if v is None else v) for k, v in row_fields(r).items()})
     return buf.getvalue()
 
 
@@ -233,8 +240,8 @@ class ScoreWriter:
                 _check_model(path, read_meta(path) if self.fmt == "csv" else next(
                     (r for r in rows if not same_model(r, self.prov)), None), self.prov)
             for r in rows:
-                if r["path"] not in self.done:
-                    self.done.add(r["path"])
+                if _key(r["path"], r.get("utt_id")) not in self.done:
+                    self.done.add(_key(r["path"], r.get("utt_id")))
                     self.earlier.add(r["path"], r.get("mos"), r.get("error"), r.get("duration_s"))
         try:
             os.ftruncate(fd, len(keep))
@@ -314,15 +321,18 @@ def write_scores(model, inputs: list[str], out: str, fmt: str = "csv", resume: b
     """
     writer = ScoreWriter(out, fmt, resume, overwrite, of_model(model))
     tally, not_audio = writer.earlier, Counter()
+    ids: deque[str] = deque()  # the wav.scp ids of the inputs handed on, matched to their rows (in input order)
 
     def todo():
-        for p, e in iter_inputs(inputs, recursive, not_audio):
-            if p not in writer.done:
+        for p, e, utt in iter_inputs(inputs, recursive, not_audio):
+            if _key(p, utt) not in writer.done:
+                ids.append(utt)
                 yield p, e
 
     tick = None
     if progress is not None:
-        total = None if "-" in inputs else sum(1 for p, _ in iter_inputs(inputs, recursive) if p not in writer.done)
+        total = None if "-" in inputs else sum(1 for p, _, u in iter_inputs(inputs, recursive)
+                                                if _key(p, u) not in writer.done)
         done = [0.0]
         progress(0.0, total)
 
@@ -332,6 +342,8 @@ def write_scores(model, inputs: list[str], out: str, fmt: str = "csv", resume: b
     earlier = tally.files
     try:
         for rows in score_chunks(model, todo(), progress=tick, **score_kw):
+            for r in rows:
+                r.utt_id = ids.popleft()
             writer.write(rows)
             for r in rows:
                 tally.add(r.path, r.mos, r.error, r.duration_s)

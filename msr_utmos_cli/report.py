@@ -1,15 +1,15 @@
 """Per-system summaries of `utmos score` output, agreement with listening tests, a CI gate.
 
 `build_report` does all the numbers and returns a plain dict (JSON-ready, except the
-per-file `utterances` columns that only the plots need); `print_report` and
-`render_html` only lay that dict out.
+per-file `utterances` columns that only the plots need); `report_render.print_report` and
+`report_render.render_html` only lay that dict out. Who is who (systems, utterance ids, pairing
+with the truth and a baseline) is `report_join`'s.
 """
 from __future__ import annotations
 
 import json
 import math
-import re
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,14 +17,10 @@ import pandas as pd
 from . import __version__
 from .metrics import bootstrap_mean_ci, mos_metrics, paired_bootstrap_diff_ci
 from .provenance import FIELDS, describe, read_meta, same_model
+from .report_join import NO_MATCH, ReportError, assign_systems, join_truth, pair_baseline, truth_column
 
-SCORE_COLUMNS = ("path", "sample_rate", "duration_s", "mos", "error")
 N_ERROR_EXAMPLES = 5
-NO_MATCH = "(no match)"
-
-
-class ReportError(Exception):
-    """Bad input; the CLI prints it as one line and exits 2."""
+BAND_MARGIN = 0.10  # a file whose content stops this far below its rate's Nyquist frequency is band-limited
 
 
 # --- loading -------------------------------------------------------------------
@@ -42,7 +38,7 @@ def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
                         raise ReportError(f"{path}: line {i} is not JSON ({e.msg})") from None
             df = pd.DataFrame(rows)
         else:
-            df = pd.read_csv(path, dtype={"path": str, "error": str, "system": str},
+            df = pd.read_csv(path, dtype={"path": str, "error": str, "system": str, "utt_id": str},
                              skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise ReportError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[0]})") from None
@@ -65,7 +61,7 @@ def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 def load_scores(path: Path) -> pd.DataFrame:
     """One `utmos score` file (CSV or JSON lines) with every score column present."""
     df = _read_table(Path(path), ("path", "mos"))
-    for col in ("sample_rate", "duration_s"):
+    for col in ("sample_rate", "duration_s", "bandwidth_hz"):
         df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else np.nan
     err = df["error"] if "error" in df else pd.Series(np.nan, index=df.index)
     err = err.where(err.notna() & (err.astype(str).str.strip() != ""), None)
@@ -130,75 +126,6 @@ def _concat_scores(paths, per_file: bool) -> tuple[pd.DataFrame, list[dict]]:
                                                   for p, f in zip(paths, frames)]
 
 
-# --- systems and joining -----------------------------------------------------------
-def assign_systems(df: pd.DataFrame, regex: str | None = None, per_file: bool = False,
-                   truth_systems: pd.Series | None = None) -> tuple[pd.Series, str]:
-    """System id per row, and where it came from.
-
-    Order: `--system-per-file` (file stem), `--system-regex` (searched in the file
-    name; group 1 if the pattern has a group, else the whole match), a `system`
-    column in the scores, a `system` column in the truth, the parent folder name.
-    """
-    names = df["path"].map(lambda p: PurePath(p.replace("\\", "/")).name)
-    parents = df["path"].map(lambda p: PurePath(p.replace("\\", "/")).parent.name or ".")
-    if per_file:
-        return df["source"].astype(str), "score file stem"
-    if regex is not None:
-        try:
-            pattern = re.compile(regex)
-        except re.error as e:
-            raise ReportError(f"--system-regex {regex!r}: {e}") from None
-
-        def pick(name: str) -> str:
-            m = pattern.search(name)
-            return ((m.group(1) if pattern.groups else m.group(0)) if m else None) or NO_MATCH
-        return names.map(pick), f"--system-regex {regex}"
-    if "system" in df and df["system"].notna().any():
-        return df["system"].fillna(parents).astype(str), "system column"
-    if truth_systems is not None and truth_systems.notna().any():
-        return truth_systems.fillna(parents).astype(str), "truth system column"
-    return parents, "parent folder"
-
-
-def _utt_id(p: str) -> str:
-    return PurePath(p.replace("\\", "/")).stem
-
-
-def join_truth(scores: pd.DataFrame, truth: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Attach `true_mos` by exact path, then by utterance id (file stem) where unique."""
-    by_path = truth.set_index("path")
-    out = scores.copy()
-    out["true_mos"] = out["path"].map(by_path["mos"])
-    out["true_system"] = out["path"].map(by_path["system"]) if "system" in truth else np.nan
-    hit_path = out["true_mos"].notna()
-    # Utterance ids only join where they are unambiguous on both sides.
-    t_ids = truth["path"].map(_utt_id)
-    t_unique = truth[~t_ids.duplicated(keep=False)].set_index(t_ids[~t_ids.duplicated(keep=False)])
-    s_ids = out["path"].map(_utt_id)
-    s_dup = s_ids.duplicated(keep=False)
-    todo = ~hit_path & ~s_dup
-    out["true_mos"] = out["true_mos"].fillna(s_ids.map(t_unique["mos"]).where(todo))
-    if "system" in truth:
-        out["true_system"] = out["true_system"].fillna(s_ids.map(t_unique["system"]).where(todo))
-    hit_id = ~hit_path & out["true_mos"].notna()
-    used = set(out.loc[hit_path, "path"]) | set(s_ids[hit_id])
-    t_left = ~(truth["path"].isin(used) | t_ids.isin(used))
-    scored_left = out["true_mos"].isna() & out["mos"].notna()
-    info = {
-        "matched": int((hit_path | hit_id).sum()),
-        "matched_by_path": int(hit_path.sum()),
-        "matched_by_utterance_id": int(hit_id.sum()),
-        "unmatched_scores": int(scored_left.sum()),
-        "unmatched_truth": int(t_left.sum()),
-        "ambiguous_ids": int((~hit_path & s_dup).sum()),
-        "unmatched_score_examples": out.loc[scored_left, "path"].head(N_ERROR_EXAMPLES).tolist(),
-        "unmatched_truth_examples": truth.loc[t_left, "path"].head(N_ERROR_EXAMPLES).tolist(),
-        "truth_paths": int(len(truth)),
-        "ratings": int(truth["n_ratings"].sum()),
-    }
-    return out, info
-
-
 # --- numbers -----------------------------------------------------------------------
 def _summary(values: np.ndarray, n_boot: int, seed: int) -> dict:
     ci = bootstrap_mean_ci(values, n_boot=n_boot, seed=seed)
@@ -210,13 +137,20 @@ def _sr_key(sr) -> int | str:
     return int(sr) if pd.notna(sr) else "unknown"
 
 
-def _baseline(df: pd.DataFrame, base: pd.DataFrame, n_boot: int, seed: int) -> list[dict]:
-    new = df[df["mos"].notna()]
-    old = base[base["mos"].notna()].drop_duplicates("path")
+def _baseline(new: pd.DataFrame, base: pd.DataFrame, regex: str | None, n_boot: int, seed: int) -> dict:
+    """Each system against the baseline run: paired over the files both scored, however their paths differ."""
+    old = base[base["mos"].notna()].drop_duplicates("path").copy()
+    new = new[new["mos"].notna()]
+    pairs, pairing = pair_baseline(new, old, regex)
+    # A paired baseline file counts in its partner's system, however its own system came out.
+    old.loc[pairs["old"].to_numpy(), "system"] = new.loc[pairs["new"], "system"].to_numpy()
+    paired = pd.DataFrame({"system": new.loc[pairs["new"], "system"].to_numpy(),
+                           "mos": new.loc[pairs["new"], "mos"].to_numpy(),
+                           "mos_old": old.loc[pairs["old"], "mos"].to_numpy()})
     rows = []
     for system in sorted(set(new["system"]) | set(old["system"])):
         a, b = new[new["system"] == system], old[old["system"] == system]
-        shared = a.merge(b[["path", "mos"]], on="path", suffixes=("", "_old"))
+        shared = paired[paired["system"] == system]
         row = {"system": system, "files_new": int(len(a)), "files_old": int(len(b)),
                "shared_files": int(len(shared)),
                "mean_new": float(a["mos"].mean()) if len(a) else float("nan"),
@@ -228,7 +162,7 @@ def _baseline(df: pd.DataFrame, base: pd.DataFrame, n_boot: int, seed: int) -> l
             row.update(diff=row["mean_new"] - row["mean_old"], ci_low=float("nan"),
                        ci_high=float("nan"), paired=False)
         rows.append(row)
-    return rows
+    return {"systems": rows, "pairing": pairing}
 
 
 def _gate(systems: list[dict], baseline: list[dict] | None, fail_under, fail_drop) -> list[str]:
@@ -249,38 +183,80 @@ def _gate(systems: list[dict], baseline: list[dict] | None, fail_under, fail_dro
     return reasons
 
 
-def build_report(scores, truth=None, *, system_regex: str | None = None,
-                 system_per_file: bool = False, baseline=None, fail_under: float | None = None,
-                 fail_drop: float | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Everything `utmos report` shows, as a dict; raises ReportError on bad input."""
-    scores = [Path(p) for p in ([scores] if isinstance(scores, (str, Path)) else scores)]
-    if not scores:
-        raise ReportError("no score files given")
-    if system_per_file and system_regex is not None:
-        raise ReportError("--system-per-file and --system-regex are exclusive")
-    if fail_drop is not None and baseline is None:
-        raise ReportError("--fail-drop needs --baseline")
-    df, made_by = _concat_scores(scores, system_per_file)
-    truth_info, truth_df = None, load_truth(Path(truth)) if truth is not None else None
-    if truth_df is not None:
-        df, truth_info = join_truth(df, truth_df)
-    df["system"], system_source = assign_systems(
-        df, system_regex, system_per_file, df["true_system"] if truth_df is not None else None)
-    ok = df[df["mos"].notna()]
+def _bandwidth(g: pd.DataFrame) -> dict:
+    """Median effective bandwidth of a system's scored files, and the share of them whose content stops
+    more than BAND_MARGIN below their rate's Nyquist frequency (a 48 kHz file holding 8 kHz of speech)."""
+    g = g[g["bandwidth_hz"].notna() & g["sample_rate"].notna()]
+    if not len(g):
+        return {"bandwidth_median_hz": float("nan"), "band_limited_share": float("nan")}
+    limited = g["bandwidth_hz"] < (1 - BAND_MARGIN) * g["sample_rate"] / 2
+    return {"bandwidth_median_hz": float(g["bandwidth_hz"].median()), "band_limited_share": float(limited.mean())}
 
+
+def _systems(df: pd.DataFrame, has_truth: bool, has_bw: bool, n_boot: int, seed: int) -> list[dict]:
     systems = []
     for system, g in df.groupby("system", sort=True):
         vals = g["mos"].dropna().to_numpy()
         row = {"system": system, **_summary(vals, n_boot, seed), "errors": int(g["mos"].isna().sum())}
-        if truth_df is not None:
+        if has_truth:
             t = g["true_mos"][g["mos"].notna()].dropna()
             row.update(true_files=int(len(t)), true_mean=float(t.mean()) if len(t) else float("nan"))
+        if has_bw:
+            row.update(_bandwidth(g[g["mos"].notna()]))
         systems.append(row)
     ranks = pd.Series([s["mean"] for s in systems]).rank(ascending=False, method="min")
     for s, r in zip(systems, ranks):
         s["rank"] = int(r) if pd.notna(r) else None
     systems.sort(key=lambda s: (s["rank"] is None, s["rank"] or 0, s["system"]))
+    return systems
 
+
+def _listen(ok: pd.DataFrame, has_truth: bool, n: int) -> dict:
+    """The files to listen to first: the lowest scored, and those the model and the listeners disagree on most."""
+    cols = [c for c in ("path", "system", "sample_rate", "mos", "true_mos", "bandwidth_hz") if c in ok]
+    worst = ok.sort_values(["mos", "path"], kind="stable").head(n)[cols]
+    out = {"lowest_mos": worst.to_dict("records"), "largest_disagreement": None}
+    if has_truth:
+        j = ok[ok["true_mos"].notna()].assign(diff=lambda d: d["mos"] - d["true_mos"])
+        j = j.assign(gap=j["diff"].abs()).sort_values(["gap", "path"], ascending=[False, True], kind="stable")
+        out["largest_disagreement"] = j.head(n)[cols + ["diff"]].to_dict("records")
+    return out
+
+
+def _duplicates(df: pd.DataFrame, per_file: bool) -> list[str]:
+    """A warning when a path (or a wav.scp line) is in the score files more than once: it then counts twice.
+    With one score file per system, the same path in two of them is two systems' files."""
+    key = df["path"] + "\0" + (df["utt_id"].fillna("").astype(str) if "utt_id" in df else "")
+    key = key + "\0" + df["source"].astype(str) if per_file else key
+    dup = key.duplicated()
+    if not dup.any():
+        return []
+    return [f"{int(dup.sum())} row(s) repeat a path already in the score files (first: {df.loc[dup, 'path'].iloc[0]}); "
+            "every row counts, so those files weigh more in the means"]
+
+
+def build_report(scores, truth=None, *, system_regex: str | None = None, system_per_file: bool = False,
+                 system_depth: int | None = None, baseline=None, fail_under: float | None = None,
+                 fail_drop: float | None = None, n_boot: int = 2000, seed: int = 0, worst: int = 10) -> dict:
+    """Everything `utmos report` shows, as a dict; raises ReportError on bad input.
+
+    Truth comes from `truth` (a labels file) or else from a `true_mos` column in the scores."""
+    scores = [Path(p) for p in ([scores] if isinstance(scores, (str, Path)) else scores)]
+    if not scores:
+        raise ReportError("no score files given")
+    if fail_drop is not None and baseline is None:
+        raise ReportError("--fail-drop needs --baseline")
+    df, made_by = _concat_scores(scores, system_per_file)
+    joined = join_truth(df, load_truth(Path(truth))) if truth is not None else truth_column(df)
+    has_truth = joined is not None
+    truth_info = None
+    if has_truth:
+        df, truth_info = joined
+    df["system"], system_source = assign_systems(df, system_regex, system_per_file,
+                                                 df["true_system"] if has_truth else None, system_depth)
+    has_bw = bool(df["bandwidth_hz"].notna().any())
+    ok = df[df["mos"].notna()]
+    systems = _systems(df, has_truth, has_bw, n_boot, seed)
     sr_key = ok["sample_rate"].map(_sr_key)
     sample_rates = [{"sample_rate": k, **_summary(g["mos"].to_numpy(), n_boot, seed)}
                     for k, g in ok.groupby(sr_key, sort=False)]
@@ -294,15 +270,17 @@ def build_report(scores, truth=None, *, system_regex: str | None = None,
         "counts": {"rows": int(len(df)), "scored": int(len(ok)), "errors": int(len(errs)),
                    "systems": len(systems), "unassigned_system": int((df["system"] == NO_MATCH).sum())},
         "systems": systems,
+        "bandwidth": {"measured": has_bw, "margin": BAND_MARGIN},
         "sample_rates": sample_rates,
         "errors": {"count": int(len(errs)),
                    "first": errs[["path", "error"]].head(N_ERROR_EXAMPLES).to_dict("records")},
+        "files": _listen(ok, has_truth, worst),
         "truth": None,
         "baseline": None,
         "provenance": {"report_msr_utmos_version": __version__, "scores": made_by, "baseline": None},
         "warnings": [],
     }
-    if truth_df is not None:
+    if has_truth:
         j = ok[ok["true_mos"].notna()]
         per_sr = [{"sample_rate": k, "files": int(len(g)),
                    **mos_metrics(g["mos"], g["true_mos"], g["system"].to_numpy())}
@@ -314,20 +292,17 @@ def build_report(scores, truth=None, *, system_regex: str | None = None,
                            "per_sample_rate": per_sr}
     if baseline is not None:
         base = load_scores(Path(baseline))
-        own, _ = assign_systems(base, system_regex, system_per_file)
-        # A file scored in both runs keeps this run's system, however that was found.
-        base["system"] = base["path"].map(df.drop_duplicates("path").set_index("path")["system"])
-        base["system"] = base["system"].fillna(own)
-        report["baseline"] = {"path": str(baseline), "systems": _baseline(df, base, n_boot, seed)}
+        base["system"], _ = assign_systems(base, system_regex, system_per_file, None, system_depth)
+        report["baseline"] = {"path": str(baseline), **_baseline(df, base, system_regex, n_boot, seed)}
         report["provenance"]["baseline"] = {"file": str(baseline), "models": models_of(Path(baseline), base)}
-    report["warnings"] = _mixed(made_by, report["provenance"]["baseline"])
+    report["warnings"] = _mixed(made_by, report["provenance"]["baseline"]) + _duplicates(df, system_per_file)
     failures = _gate(systems, report["baseline"] and report["baseline"]["systems"], fail_under, fail_drop)
     report["gate"] = {"fail_under": fail_under, "fail_drop": fail_drop,
                       "failures": failures, "passed": not failures}
     report["utterances"] = {
         "path": ok["path"].tolist(), "system": ok["system"].tolist(),
         "sample_rate": ok["sample_rate"].map(_sr_key).tolist(), "mos": ok["mos"].tolist(),
-        "true_mos": ok["true_mos"].tolist() if truth_df is not None else None}
+        "true_mos": ok["true_mos"].tolist() if has_truth else None}
     return report
 
 
@@ -347,10 +322,3 @@ def _clean(x):
 def report_json(report: dict) -> str:
     """The report as JSON, without the per-file columns (those are the score files)."""
     return json.dumps(_clean({k: v for k, v in report.items() if k != "utterances"}), indent=2)
-
-
-# --- layout ------------------------------------------------------------------------
-
-
-# Rendering lives in report_render; re-exported so callers need one import.
-from .report_render import print_report, render_html  # noqa: E402,F401

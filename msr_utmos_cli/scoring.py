@@ -10,46 +10,84 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from collections import Counter
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from . import batching
-from .audio import (AUDIO_EXTENSIONS, NAN_ERROR, SILENCE_PEAK, SILENT_ERROR, AudioError, AudioInfo, Span,
+from .audio import (NAN_ERROR, SILENCE_PEAK, SILENT_ERROR, AudioError, AudioInfo, Span, audio_extensions,
                     check_rate, input_span, probe, read_segment, to_float32, to_mono)
-from .model import MOSModel, clip_mos
+from .bandwidth import MAX_SECONDS, effective_bandwidth
+from .rows import DEFAULT_WINDOW_S, Row
 
-DEFAULT_WINDOW_S = 20.0
+if TYPE_CHECKING:  # model.py imports this module for MOSModel.score
+    from .model import MOSModel
+
+MOS_MIN, MOS_MAX = 1.0, 5.0
 
 
-@dataclass
-class Row:
-    """One scored input: a MOS, or the one-line reason it has none."""
-    path: str
-    sample_rate: int | None = None
-    duration_s: float | None = None
-    mos: float | None = None
-    error: str = ""
+def clip_mos(x: torch.Tensor) -> torch.Tensor:
+    """Scores are reported on the 1-5 scale: values outside it are clipped, never rescaled."""
+    return x.clamp(MOS_MIN, MOS_MAX)
 
 
 # --- inputs ------------------------------------------------------------------
-def iter_inputs(inputs: Iterable[str], recursive: bool = True,
-                skipped: Counter | None = None) -> Iterator[tuple[str, str]]:
-    """Yield (path, error) in a deterministic order: each directory's entries sorted by name.
+PIPE_ERROR = "piped commands in wav.scp are not supported (write the audio to a file and list that)"
 
-    `-` reads paths from stdin, `@list.txt` from a file, one per line. Directories are walked
-    lazily (first rows come out before the walk ends) and symlink loops are visited once.
+
+def _lines(src) -> Iterator[str]:
+    for line in src:
+        line = line.rstrip("\r\n")
+        if line.strip():
+            yield line
+
+
+def read_scp(scp: str) -> Iterator[tuple[str, str, str]]:
+    """(path, error, utt_id) per line of a Kaldi wav.scp (`utt_id path`); paths are as written (relative
+    ones to the working directory, as Kaldi reads them). Commands (`cmd |`) and archive offsets get an error."""
+    try:
+        with open(scp, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        yield scp, f"cannot read wav.scp ({e.strerror or e})", ""
+        return
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=1)  # the id, then the rest of the line (a path may hold spaces)
+        utt, path = parts[0], parts[1].strip() if len(parts) > 1 else ""
+        if not path:
+            yield f"{scp}:{n}", f"wav.scp line {n}: no path after the utterance id", utt
+        elif path.endswith("|"):
+            yield path, PIPE_ERROR, utt
+        elif os.path.lexists(path):
+            yield path, "", utt
+        elif re.search(r"\.ark:\d+$", path):
+            yield path, "Kaldi archive entries (file.ark:offset) are not supported", utt
+        else:
+            yield path, "no such file", utt
+
+
+def iter_inputs(inputs: Iterable[str], recursive: bool = True,
+                skipped: Counter | None = None) -> Iterator[tuple[str, str, str]]:
+    """Yield (path, error, utt_id) in a deterministic order: each directory's entries sorted by name.
+
+    `-` reads paths from stdin, `@list.txt` from a file, one per line; a `.scp` file (or `scp:FILE`)
+    is a Kaldi wav.scp, whose utterance ids come along (empty for every other input). Directories are
+    walked lazily (first rows come out before the walk ends) and symlink loops are visited once.
     Files a walk passes over are counted by extension in `skipped`, so "nothing found" can say why.
     """
     seen: set[str] = set()
+    extensions = audio_extensions()
 
-    def walk(d: str) -> Iterator[tuple[str, str]]:
+    def walk(d: str) -> Iterator[tuple[str, str, str]]:
         real = os.path.realpath(d)
         if real in seen:
             return
@@ -58,7 +96,7 @@ def iter_inputs(inputs: Iterable[str], recursive: bool = True,
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            yield d, f"cannot list directory ({e.strerror or e})"
+            yield d, f"cannot list directory ({e.strerror or e})", ""
             return
         for e in entries:
             try:
@@ -68,26 +106,23 @@ def iter_inputs(inputs: Iterable[str], recursive: bool = True,
             if is_dir:
                 if recursive:
                     yield from walk(e.path)
-            elif os.path.splitext(e.name)[1].lower() in AUDIO_EXTENSIONS:
-                yield e.path, ""
+            elif os.path.splitext(e.name)[1].lower() in extensions:
+                yield e.path, "", ""
             elif skipped is not None:
                 skipped[os.path.splitext(e.name)[1].lower() or "(no extension)"] += 1
 
-    def lines(src) -> Iterator[str]:
-        for line in src:
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield line
-
     for item in inputs:
+        if item.startswith("scp:") or (item.lower().endswith(".scp") and os.path.isfile(item)):
+            yield from read_scp(item[4:] if item.startswith("scp:") else item)
+            continue
         if item == "-":
-            paths: Iterable[str] = lines(sys.stdin)
+            paths: Iterable[str] = _lines(sys.stdin)
         elif item.startswith("@") and not os.path.exists(item):
             try:
                 with open(item[1:], encoding="utf-8") as f:
-                    paths = list(lines(f))
+                    paths = list(_lines(f))
             except OSError as e:
-                yield item, f"cannot read path list ({e.strerror or e})"
+                yield item, f"cannot read path list ({e.strerror or e})", ""
                 continue
         else:
             paths = [item]
@@ -95,9 +130,9 @@ def iter_inputs(inputs: Iterable[str], recursive: bool = True,
             if os.path.isdir(p):
                 yield from walk(p)
             elif not os.path.lexists(p):
-                yield p, "no such file"
+                yield p, "no such file", ""
             else:
-                yield p, ""
+                yield p, "", ""
 
 
 # --- the rules every input meets, file or array ------------------------------
@@ -163,6 +198,17 @@ def span_for(model: MOSModel, read, frames: int, sr: int) -> Span:
     if c.input_rms_db is None and c.input_trim_db is None:
         return Span(0, frames, 1.0, -1.0)  # peak unknown until the windows are read
     return input_span(read, frames, sr, c.input_rms_db, c.input_trim_db, need=min_samples(model, sr))
+
+
+def file_bandwidth(info: AudioInfo, channel: int | None = None) -> int | None:
+    """Effective bandwidth (Hz) of what a file's row is scored on, from its first minute only; None when
+    it cannot be measured (the row's own error, if any, says why)."""
+    try:
+        x = read_segment(info, 0, min(info.frames, int(MAX_SECONDS * info.sample_rate)), channel)
+    except AudioError:
+        return None
+    bw = effective_bandwidth(x, info.sample_rate) if np.isfinite(x).all() else None
+    return None if bw is None else round(bw)
 
 
 def _gained(x: np.ndarray, gain: float) -> np.ndarray:
@@ -321,7 +367,10 @@ def _plan_file(model: MOSModel, path: str, err: str, channel: int | None) -> tup
             row.error = SILENT_ERROR if 0 <= sp.peak < SILENCE_PEAK else ""
     except AudioError as e:
         row.error = str(e)
-    return (row, None, None) if row.error else (row, info, sp)
+    if row.error:
+        return row, None, None
+    row.bandwidth_hz = file_bandwidth(info, channel)
+    return row, info, sp
 
 
 def _same_block_once(read: Callable[[int, int], np.ndarray]) -> Callable[[int, int], np.ndarray]:
@@ -394,6 +443,8 @@ def score_chunks(model: MOSModel, paths: Iterable[tuple[str, str]], window_s: fl
             for key, row in enumerate(rows):
                 if not row.error and key in acc:
                     row.mos, row.error = _finish(acc[key])
+                if row.error:
+                    row.bandwidth_hz = None
             yield rows
     finally:
         for pool in (planners, readers):

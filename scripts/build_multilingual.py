@@ -278,6 +278,9 @@ def render_utterance(u: dict, out: Path, seed: int, codecs: list[str]) -> tuple[
         except subprocess.CalledProcessError as e:
             print(f"build_multilingual: {u['utt_id']}: {e.cmd[0]} failed, left out", file=sys.stderr)
             return [], []
+        if x.size == 0 or np.abs(x).max() < 1e-4:  # e.g. espeak-ng's Hebrew reads no digits
+            print(f"build_multilingual: {u['utt_id']}: the synthesizer made silence, left out", file=sys.stderr)
+            return [], []
         base = u["utt_id"].replace("/", "_")
         for c in plan_clips(u, sr, seed, codecs):
             y, bw, recipe = (x, sr / 2, "none") if c["kind"] == "clean" else degrade(x, sr, c["kind"], c["sev"], c["seed"], tmp)

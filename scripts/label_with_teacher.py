@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from msr_utmos_cli.audio import heard_at
-from msr_utmos_cli.teachers import load_teacher
+from msr_utmos_cli.training.teachers import load_teacher
 
 
 def main() -> None:

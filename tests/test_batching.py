@@ -18,8 +18,7 @@ from typer.testing import CliRunner
 from msr_utmos_cli import load_model
 from msr_utmos_cli.batching import bucket, parse_batch_size, plan
 from msr_utmos_cli.cli import app
-from msr_utmos_cli.model import clip_mos
-from msr_utmos_cli.scoring import score_files, score_waveforms, span_for
+from msr_utmos_cli.scoring import clip_mos, score_files, score_waveforms, span_for
 from msr_utmos_cli.testing import speechlike
 
 # (rate, seconds): lengths either side of bucket edges, several windows at window_s=1, 7 rates.

@@ -17,9 +17,12 @@ from safetensors.torch import load_file
 from torchaudio.models import wav2vec2_model
 from typer.testing import CliRunner
 
-from msr_utmos_cli import distill
+from msr_utmos_cli.training import distill, distill_data, distill_student
 from msr_utmos_cli.cli import app
-from msr_utmos_cli.teachers import default_params
+from msr_utmos_cli.training.distill_data import Presenting
+from msr_utmos_cli.training.teacher_cache import CachedTargets, Target, TeacherCache, read_teacher_labels
+from msr_utmos_cli.training.teachers import default_params
+from msr_utmos_cli.training.train import fit
 
 RATES = [8000, 16000, 22050, 24000, 44100, 48000]
 
@@ -54,14 +57,14 @@ def validated_before_and_after_fit(task, trainer, key):
     """`key` of task.validate() on the training clips themselves, before and after training."""
     task.valid_clips = task.clips
     before = task.validate()[key]
-    distill.fit(task, trainer, {})
+    fit(task, trainer, {})
     after = task.validate()[key]
     print(f"{key} {before:.4f} -> {after:.4f}")
     return before, after
 
 
 def test_student_starts_as_the_teacher_and_the_loss_falls(assets, tmp_path):
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
 
     built, _ = load_config(None, overrides(assets, tmp_path, 1, **{"model.sfi_fit_steps": 300}), distill.SECTIONS)
     task = distill.DistillTask(built["model"], built["data"], built["trainer"])
@@ -75,30 +78,30 @@ def test_student_starts_as_the_teacher_and_the_loss_falls(assets, tmp_path):
 
 
 def test_batches_are_deterministic_one_rate_each_and_masked(assets):
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
 
     built, _ = load_config(None, overrides(assets, "unused"), distill.SECTIONS)
-    clips = distill.collect(built["data"], None)
-    a = [next(distill.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, g)) for g in range(4)]
-    b = list(zip(range(4), distill.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 0)))
+    clips = distill_data.collect(built["data"], None)
+    a = [next(distill_data.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, g)) for g in range(4)]
+    b = list(zip(range(4), distill_data.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 0)))
     for x, (_, y) in zip(a, b):
         assert x["sr"] == y["sr"] and torch.equal(x["wave"], y["wave"]) and torch.equal(x["wave16"], y["wave16"])
         assert (x["bandwidth_hz"] <= x["sr"] / 2).all()
         for w, n in zip(x["wave"], x["lengths"]):
             assert (w[n:] == 0).all()
     # Two ranks with B each see exactly the items one rank with 2B sees.
-    one = next(distill.batch_stream(clips, RATES, 0.5, 4, 0, 1, 0, 1))
-    r0, r1 = (next(distill.batch_stream(clips, RATES, 0.5, 2, r, 2, 0, 1)) for r in (0, 1))
+    one = next(distill_data.batch_stream(clips, RATES, 0.5, 4, 0, 1, 0, 1))
+    r0, r1 = (next(distill_data.batch_stream(clips, RATES, 0.5, 2, r, 2, 0, 1)) for r in (0, 1))
     assert one["lengths"].tolist() == r0["lengths"].tolist() + r1["lengths"].tolist()
 
 
 def test_worker_threads_build_the_same_batches_in_the_same_order(assets):
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
 
     built, _ = load_config(None, overrides(assets, "unused"), distill.SECTIONS)
-    clips = distill.collect(built["data"], None)
-    inline = distill.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 3)
-    threaded = distill.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 3, workers=3)
+    clips = distill_data.collect(built["data"], None)
+    inline = distill_data.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 3)
+    threaded = distill_data.batch_stream(clips, RATES, 0.5, 2, 0, 1, 0, 3, workers=3)
     for _ in range(9):  # more than the 2 * workers batches built ahead
         x, y = next(inline), next(threaded)
         assert x["sr"] == y["sr"] and torch.equal(x["wave"], y["wave"]) and torch.equal(x["lengths"], y["lengths"])
@@ -115,21 +118,22 @@ def test_items_whose_band_fits_take_the_full_clip_targets(tmp_path):
     full_feats, feats8 = torch.ones(60, 4), torch.zeros(60, 4)
 
     def clip(bw, label=2.0):
-        return distill.Clip(info, bw, label, full_feats if label is not None else None,
-                            {8000: (4.0, feats8)} if label is not None else {})
+        if label is None:
+            return distill_data.Clip(info, bw)
+        return distill_data.Clip(info, bw, Target(label, full_feats), {8000: Target(4.0, feats8)})
 
     for bw, fits in ((3000.0, True), (6000.0, False)):
-        on = distill.present(clip(bw), 0, 24000, 8000, full_when_fits=True)
-        off = distill.present(clip(bw), 0, 24000, 8000)
-        assert off[3] == 4.0 and torch.equal(off[4], feats8[: off[4].shape[0]])
-        assert on[3] == (2.0 if fits else 4.0)
-        assert torch.equal(on[4], (full_feats if fits else feats8)[: on[4].shape[0]])
-        live_on = distill.present(clip(bw, None), 0, 24000, 8000, full_when_fits=True)[1]
+        on = distill_data.present(clip(bw), 0, 24000, 8000, Presenting(full_when_fits=True))
+        off = distill_data.present(clip(bw), 0, 24000, 8000)
+        assert off.teacher_mos == 4.0 and torch.equal(off.teacher_feats, feats8[: off.teacher_feats.shape[0]])
+        assert on.teacher_mos == (2.0 if fits else 4.0)
+        assert torch.equal(on.teacher_feats, (full_feats if fits else feats8)[: on.teacher_feats.shape[0]])
+        live_on = distill_data.present(clip(bw, None), 0, 24000, 8000, Presenting(full_when_fits=True)).wave16
         native16 = audio.resample(torch.from_numpy(x[:24000]), 48000, 16000)
         via8k = audio.resample(audio.resample(torch.from_numpy(x[:24000]), 48000, 8000), 8000, 16000)
         assert torch.equal(live_on, native16 if fits else via8k)
     # At a rate above the band the at-rate targets are not used either way.
-    assert distill.present(clip(3000.0), 0, 24000, 16000)[3] == 2.0
+    assert distill_data.present(clip(3000.0), 0, 24000, 16000).teacher_mos == 2.0
 
 
 def test_bf16_autocast_trains(assets, tmp_path):
@@ -169,11 +173,12 @@ def test_resume_after_interruption_is_bitwise_identical(assets, tmp_path, monkey
 
 DDP_SCRIPT = """
 import os, sys, torch
-from msr_utmos_cli import distill
-from msr_utmos_cli.config import load_config
+from msr_utmos_cli.training import distill
+from msr_utmos_cli.training.config import load_config
+from msr_utmos_cli.training.train import fit
 built, resolved = load_config(None, sys.argv[1:], distill.SECTIONS)
 task = distill.DistillTask(built["model"], built["data"], built["trainer"])
-distill.fit(task, built["trainer"], resolved)
+fit(task, built["trainer"], resolved)
 torch.save(task.model.state_dict(), os.path.join(built["trainer"].out_dir, f"rank{os.environ['RANK']}.pt"))
 """
 
@@ -201,13 +206,14 @@ def test_ddp_two_ranks_identical_weights_and_global_batch(assets, tmp_path):
 
 
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
-    from msr_utmos_cli import train
+    from msr_utmos_cli.training import TrainingError
+    from msr_utmos_cli.training.distributed import device_for
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert train._device("auto", 0) == torch.device("cuda:0")
-    with pytest.raises(train.TrainingError, match="rank 1 needs cuda:1 but this machine has 1 GPU"):
-        train._device("auto", 1)
+    assert device_for("auto", 0) == torch.device("cuda:0")
+    with pytest.raises(TrainingError, match="rank 1 needs cuda:1 but this machine has 1 GPU"):
+        device_for("auto", 1)
 
 
 def write_yaml(path, text):
@@ -261,7 +267,7 @@ trainer:
 
 def test_cached_teacher_labels_distil_the_mos_without_running_the_teacher(assets, tmp_path):
     """model.teacher_labels: the student learns the cached clip-level teacher MOS; no teacher is loaded."""
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
     from msr_utmos_cli import load_model
 
     labels = tmp_path / "labels.csv"
@@ -296,7 +302,7 @@ def test_cached_teacher_features_are_cropped_on_frames_and_distilled(assets, tmp
     """model.teacher_features: crops start on a teacher frame, the student gets the frames from
     there, and the per-frame loss falls without any teacher loaded."""
     from safetensors.torch import save_file
-    from msr_utmos_cli.config import ConfigError, load_config
+    from msr_utmos_cli.training.config import ConfigError, load_config
 
     wavs = sorted((assets / "wav").glob("*.wav"))
     (tmp_path / "labels.csv").write_text("path,teacher_mos\n" + "".join(f"{p.name},3.5\n" for p in wavs))
@@ -316,10 +322,10 @@ def test_cached_teacher_features_are_cropped_on_frames_and_distilled(assets, tmp
     for clip in task.clips:
         hop = 0.02 * clip.info.sample_rate
         for off in (0, 1, int(hop * 2.6), clip.info.frames // 2):
-            start = distill.frame_start(clip, off)
+            start = distill_data.frame_start(clip, off)
             k = round(start / hop)
             assert abs(start - k * hop) < 1 and abs(start - off) <= hop / 2 + 1
-            f = distill.present(clip, start, min(start + 8000, clip.info.frames), 16000)[4]
+            f = distill_data.present(clip, start, min(start + 8000, clip.info.frames), 16000).teacher_feats
             assert f[0, 0] == k  # the slice starts at the crop's own frame
     before, after = validated_before_and_after_fit(task, built["trainer"], "valid_feat_l1")
     assert after < 0.7 * before
@@ -338,7 +344,7 @@ def test_label_script_caches_the_teachers_own_frames(assets, tmp_path):
     live teacher gives them, and a rerun adds nothing twice."""
     from safetensors.torch import load_file
     from msr_utmos_cli.audio import resample
-    from msr_utmos_cli.teachers import load_teacher
+    from msr_utmos_cli.training.teachers import load_teacher
 
     wavs = sorted((assets / "wav").glob("*.wav"))[:3]
     (tmp_path / "m.csv").write_text("path,duration_s\n" + "".join(f"{p},1\n" for p in wavs))
@@ -391,7 +397,7 @@ def test_targets_at_a_rate_replace_the_full_band_ones_for_that_rate(assets, tmp_
     """model.teacher_at_rate: batches presented at 8 kHz carry the teacher's outputs for the clip as
     heard at 8 kHz; other rates keep the full-band ones; a clip missing there is left out."""
     from safetensors.torch import save_file
-    from msr_utmos_cli.config import ConfigError, load_config
+    from msr_utmos_cli.training.config import ConfigError, load_config
 
     wavs = sorted((assets / "wav").glob("*.wav"))
     for p in wavs:
@@ -412,7 +418,7 @@ def test_targets_at_a_rate_replace_the_full_band_ones_for_that_rate(assets, tmp_
     task = distill.DistillTask(built["model"], built["data"], built["trainer"])
     assert len(task.clips) == len(wavs) - 1  # wavs[0] has no 8 kHz targets
     seen = set()
-    for batch in distill.batch_stream(task.clips, [8000, 16000], 0.5, 2, 0, 1, 0, 0):
+    for batch in distill_data.batch_stream(task.clips, [8000, 16000], 0.5, 2, 0, 1, 0, 0):
         want = 1.5 if batch["sr"] == 8000 else 4.5
         assert torch.all(batch["teacher_mos"] == want)
         assert torch.all(batch["teacher_feats"][:, 1:, 0] * (1 if want == 4.5 else -1) >= 1)  # frame index sign
@@ -430,7 +436,7 @@ def test_targets_at_a_rate_replace_the_full_band_ones_for_that_rate(assets, tmp_
                                   "distill_distillmos",
                                   "distill_wav2vec2_base"])
 def test_shipped_distill_configs_parse(name):
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
 
     path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
     built, _ = load_config(path, [], distill.SECTIONS)
@@ -442,11 +448,11 @@ def test_stage3_config_builds_the_bundled_models_architecture():
     """The card's stage-3 command must give the shipped architecture, SFI muting flag included."""
     import json
 
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
 
     root = Path(__file__).resolve().parent.parent
     built, _ = load_config(root / "configs" / "default_model_stage3.yaml", [], distill.SECTIONS)
-    cfg = distill.student_config(built["model"], teacher=None)
+    cfg = distill_student.student_config(built["model"], teacher=None)
     shipped = json.loads((root / "models" / "msr-utmos-small-distillmos" / "config.json").read_text())["config"]
     assert cfg.sfi_mute_above_nyquist is False
     assert cfg.to_dict() == shipped
@@ -464,7 +470,7 @@ def _cached_label_sets(assets, tmp_path, full=4.5):
 
 def _train_mode_task(sets):
     """A DistillTask from `--set` overrides, in training mode (ConfigError from a bad one)."""
-    from msr_utmos_cli.config import load_config
+    from msr_utmos_cli.training.config import load_config
 
     built, _ = load_config(None, sets, distill.SECTIONS)
     task = distill.DistillTask(built["model"], built["data"], built["trainer"])
@@ -488,7 +494,7 @@ def test_consistency_rates_are_taught_by_the_students_own_16k_output(assets, tmp
     """model.consistency_rates: an 8 kHz batch's MOS target is the student's own (eval-mode, no-grad) score
     of the same audio upsampled to 16 kHz, not the teacher's label; 16 kHz batches keep the label."""
     from msr_utmos_cli.audio import resample
-    from msr_utmos_cli.config import ConfigError
+    from msr_utmos_cli.training.config import ConfigError
 
     base = _cached_label_sets(assets, tmp_path)
     sets = overrides(assets, tmp_path / "run", 1, **base, **{"model.consistency_rates": "[8000]",
@@ -520,7 +526,7 @@ def test_consistency_weight_adds_the_gap_to_the_students_own_16k_output(assets, 
     """model.consistency_weight: a 24 kHz batch keeps the teacher's label and adds weight x the same loss
     against the student's own 16 kHz output for the same audio; 16 kHz batches add nothing."""
     from msr_utmos_cli.audio import resample
-    from msr_utmos_cli.config import ConfigError
+    from msr_utmos_cli.training.config import ConfigError
 
     base = {**_cached_label_sets(assets, tmp_path), "data.rates": "[16000,24000]"}
     sets = overrides(assets, tmp_path / "run", 1, **base, **{"model.consistency_weight": 0.5,
@@ -555,7 +561,7 @@ def test_init_from_a_checkpoint_or_a_model_starts_from_its_weights(assets, tmp_p
     student; a different architecture or a missing folder is a one-line config error naming it."""
     import shutil
     from safetensors.torch import save_file
-    from msr_utmos_cli.config import ConfigError, load_config
+    from msr_utmos_cli.training.config import ConfigError, load_config
 
     wavs = sorted((assets / "wav").glob("*.wav"))
     base = {**_cached_label_sets(assets, tmp_path), "model.layers": "[[2,1]]",
@@ -589,3 +595,25 @@ def test_init_from_a_checkpoint_or_a_model_starts_from_its_weights(assets, tmp_p
         task_from(ckpt, **{"model.student_overrides": "{num_layers: 3}"})
     with pytest.raises(ConfigError, match="init_from.*no-such"):
         task_from(tmp_path / "no-such")
+
+
+def test_manifests_and_teacher_labels_are_read_as_spreadsheets_write_them(assets, tmp_path):
+    """A byte-order mark, a capitalised header, spaces after commas: one CSV reader for every list;
+    a bad value is one line naming the file and line."""
+    from msr_utmos_cli.training.config import ConfigError, load_config
+
+    wavs = sorted((assets / "wav").glob("*.wav"))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("Path, split, bandwidth_hz\n" + "".join(f"{p}, train, 4000\n" for p in wavs[:3]),
+                        encoding="utf-8-sig")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path, Teacher_MOS\n" + "".join(f"{p}, 3.5\n" for p in wavs[:2]), encoding="utf-8-sig")
+    sets = overrides(assets, tmp_path / "run", 1, **{"data.dirs": "[]", "data.manifest": manifest})
+    built, _ = load_config(None, sets, distill.SECTIONS)
+    cache = TeacherCache(CachedTargets(read_teacher_labels(labels)))
+    clips = distill_data.collect(built["data"], "train", cache)
+    assert [c.info.path for c in clips] == [str(p) for p in wavs[:2]] and {c.cached.label for c in clips} == {3.5}
+    assert {c.bandwidth_hz for c in clips} == {4000}
+    manifest.write_text("path,split,bandwidth_hz\n" + f"{wavs[0]},train,wide\n")
+    with pytest.raises(ConfigError, match=rf"^data.manifest: {manifest}: line 2: bandwidth_hz 'wide' is not a number$"):
+        distill_data.collect(built["data"], "train")

@@ -25,7 +25,7 @@ from msr_utmos_cli import ModelLoadError, MOSModel, PRESETS, load_model, save_mo
 from msr_utmos_cli.checkpoint import CONFIG, WEIGHTS
 from msr_utmos_cli.cli import app
 from msr_utmos_cli import output
-from msr_utmos_cli.output import OutputError, write_scores
+from msr_utmos_cli.output import CSV_HEADER, OutputError, write_scores
 
 from hostile import make_odd_paths, speech
 
@@ -287,7 +287,7 @@ def test_unwritable_output_is_a_clear_error(files, tiny_model_dir, tmp_path):
     assert plain.read_text() == "keep me\n"
     ro = tmp_path / "ro"
     ro.mkdir()
-    (ro / "old.csv").write_text("path,sample_rate,duration_s,mos,error\n")
+    (ro / "old.csv").write_text(CSV_HEADER + "\n")  # a header only: the file a run leaves when killed at once
     if subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)], capture_output=True).returncode:
         return  # no mount permission; the cases above still ran
     try:
@@ -296,7 +296,7 @@ def test_unwritable_output_is_a_clear_error(files, tiny_model_dir, tmp_path):
             assert r.exit_code == 2 and "Read-only file system" in r.output, r.output
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
-    assert (ro / "old.csv").read_text() == "path,sample_rate,duration_s,mos,error\n"
+    assert (ro / "old.csv").read_text() == CSV_HEADER + "\n"
 
 
 # --- two writers -------------------------------------------------------------------
@@ -330,7 +330,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from test_train import Toy, cfg
-from msr_utmos_cli.train import fit
+from msr_utmos_cli.training.train import fit
 fit(Toy(), cfg({out!r}, max_steps={steps}, ckpt_every=1, log_every=1000), {{}}, resume={resume})
 """
 
@@ -338,7 +338,7 @@ fit(Toy(), cfg({out!r}, max_steps={steps}, ckpt_every=1, log_every=1000), {{}}, 
 def _newest_checkpoint_loads(out_dir):
     from safetensors.torch import load_file
 
-    from msr_utmos_cli.train import find_checkpoint, load_trainer_state
+    from msr_utmos_cli.training.checkpoints import find_checkpoint, load_trainer_state
 
     folder = find_checkpoint(out_dir)
     if folder is None:
@@ -353,7 +353,7 @@ def test_training_killed_mid_step_or_mid_checkpoint_resumes_to_the_same_weights(
     checkpoint writes too): the newest checkpoint on disk always loads, and resuming ends on
     bitwise the weights of an uninterrupted run (CPU)."""
     test_train = pytest.importorskip("test_train")
-    from msr_utmos_cli.train import fit
+    from msr_utmos_cli.training.train import fit
 
     steps, tests = 150, str(Path(__file__).parent)
     out = tmp_path / "run"
@@ -384,7 +384,8 @@ def test_training_killed_mid_step_or_mid_checkpoint_resumes_to_the_same_weights(
 
 def test_trainer_state_pickle_is_refused(tmp_path):
     """`--resume` reads trainer_state.pt with weights_only=True: a planted pickle is refused, not run."""
-    from msr_utmos_cli.train import STATE_FILE, TrainingError, load_trainer_state
+    from msr_utmos_cli.training import TrainingError
+    from msr_utmos_cli.training.checkpoints import STATE_FILE, load_trainer_state
 
     marker = tmp_path / "PWNED"
     torch.save({"step": 1, "evil": _Plant(str(marker))}, tmp_path / STATE_FILE)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,13 @@ from typer.testing import CliRunner
 
 from msr_utmos_cli import MOSModel, PRESETS, load_model, save_model
 from msr_utmos_cli.cli import app
-from msr_utmos_cli.finetune import (FinetuneData, FinetuneLoss, FinetuneModel, FinetuneTask, SECTIONS,
+from msr_utmos_cli.rows import COLUMNS
+from msr_utmos_cli.training.finetune import (FinetuneData, FinetuneLoss, FinetuneModel, FinetuneTask, SECTIONS,
                                     allowed_rates, build_model, load_corpora, run, utmos_loss)
-from msr_utmos_cli.config import load_config
-from msr_utmos_cli.labels import Utterance
+from msr_utmos_cli.training.config import load_config
+from msr_utmos_cli.training.labels import Utterance
 from msr_utmos_cli.audio import AudioInfo
-from msr_utmos_cli.train import TrainConfig
+from msr_utmos_cli.training.train import TrainConfig
 from msr_utmos_cli.testing import speechlike
 
 CLIP_S = 0.4
@@ -90,14 +92,15 @@ def test_best_is_a_scoring_model_and_predictions_are_readable(trained, data):
     assert "predictions in" in output and "best sys_SRCC" in output
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "sample_rate", "duration_s", "mos", "error", "true_mos", "system"]
+    assert list(rows[0]) == [*COLUMNS, "true_mos", "system"]  # a score file's columns, then the truth
+    assert COLUMNS[:5] == ["path", "sample_rate", "duration_s", "mos", "error"]
     assert len(rows) == 24 and {r["sample_rate"] for r in rows} == {"16000", "24000"}
     assert all(1 <= float(r["mos"]) <= 5 and r["error"] == "" for r in rows)
     # `utmos score --model best` reproduces the validation predictions; `utmos report` reads the file.
     res = invoke("score", "--model", out / "best", "--device", "cpu", "-q", rows[0]["path"], rows[1]["path"])
     assert res.exit_code == 0, res.output
     scored = list(csv.DictReader(res.stdout.splitlines()))
-    assert [float(r["mos"]) for r in scored] == pytest.approx([float(r["mos"]) for r in rows[:2]], abs=1e-4)
+    assert [r["mos"] for r in scored] == [r["mos"] for r in rows[:2]]
     res = invoke("report", out / "predictions.csv", "--truth", data / "valid.csv", "--json", "-")
     assert res.exit_code == 0, res.output
 
@@ -112,8 +115,27 @@ def test_predictions_under_bf16_training_equal_fp32_scoring(data, tmp_path):
         rows = list(csv.DictReader(f))[:3]
     res = invoke("score", "--model", tmp_path / "ft" / "best", "--device", "cpu", "-q", *[r["path"] for r in rows])
     assert res.exit_code == 0, res.output
-    scored = [float(r["mos"]) for r in csv.DictReader(res.stdout.splitlines())]
-    assert scored == pytest.approx([float(r["mos"]) for r in rows], abs=1e-4)
+    scored = [r["mos"] for r in csv.DictReader(res.stdout.splitlines())]
+    assert scored == [r["mos"] for r in rows]
+
+
+def test_validation_scores_each_file_as_score_does(data, tmp_path):
+    """Validation picks best/ on what `utmos score` will print for it: the model's input rule, windows
+    and domain 0, even for a validation corpus with its own domain id."""
+    torch.manual_seed(0)
+    ruled = replace(PRESETS["tiny"](), input_rms_db=-26.0, input_trim_db=-40.0)
+    save_model(MOSModel(ruled), tmp_path / "init")
+    cfg = write_config(tmp_path / "ft.yaml", data, tmp_path / "ft", max_steps=2, ckpt_every=2, valid_every=2)
+    res = invoke("finetune", "--config", cfg, "--init", tmp_path / "init", "--set",
+                 f"data.valid=[{{csv: {data / 'valid.csv'}, domain: 1}}]")
+    assert res.exit_code == 0, res.output
+    assert "validation scores as `utmos score` does, with domain 0" in res.output
+    with open(tmp_path / "ft" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 24 and load_model(tmp_path / "ft" / "best", "cpu").cfg.domain_dim > 0
+    res = invoke("score", "--model", tmp_path / "ft" / "best", "--device", "cpu", "-q", *[r["path"] for r in rows])
+    assert res.exit_code == 0, res.output
+    assert [r["mos"] for r in csv.DictReader(res.stdout.splitlines())] == [r["mos"] for r in rows]
 
 
 def test_resume_is_exact(data, tmp_path, monkeypatch):
@@ -251,8 +273,8 @@ def test_batches_are_deterministic_and_resume_where_they_left_off(data, tmp_path
 
 @pytest.mark.parametrize("name", ["finetune_example", "pretrain_large_mos", "finetune_amc2025_track3"])
 def test_shipped_configs_parse(name):
-    from msr_utmos_cli.config import build
-    from msr_utmos_cli.finetune import Corpus
+    from msr_utmos_cli.training.config import build
+    from msr_utmos_cli.training.finetune import Corpus
 
     path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
     built, _ = load_config(path, [], SECTIONS)

@@ -66,7 +66,8 @@ def test_missing_path_is_exit_2_and_writes_nothing(tiny_model_dir, tmp_path):
     assert not out.exists()
 
 
-def test_empty_or_unreadable_folder_fails_and_still_writes_a_header(tiny_model_dir, tmp_path):
+def test_empty_or_unreadable_folder_fails_and_still_writes_a_header(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)  # without ffmpeg, .m4a is not audio
     empty, m4a = tmp_path / "empty", tmp_path / "m4a"
     empty.mkdir()
     m4a.mkdir()
@@ -212,7 +213,8 @@ def test_report_records_provenance_and_warns_when_models_are_mixed(tts, tiny_mod
     assert tiny_sha[:12] in html.read_text() and tiny_model_dir.name in html.read_text()
     r = run("report", a, b, "--json", rep, "--html", html)
     assert r.exit_code == 0 and "warning: score files from different models are mixed" in r.output
-    assert "other 2.3.4" in r.output and len(json.loads(rep.read_text())["warnings"]) == 1
+    warnings = json.loads(rep.read_text())["warnings"]  # and the same paths, pooled, count twice
+    assert "other 2.3.4" in r.output and len(warnings) == 2 and "6 row(s) repeat a path" in warnings[1]
     assert "different models are mixed" in html.read_text()
     r = run("report", a, "--baseline", b)
     assert r.exit_code == 0 and "warning: the baseline was scored by other 2.3.4" in r.output

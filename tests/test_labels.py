@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import soundfile as sf
 
-from msr_utmos_cli.labels import LabelError, read_labels
+from msr_utmos_cli.training.labels import LabelError, read_labels
 from msr_utmos_cli.testing import speechlike
 
 

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from msr_utmos_cli.cli import app
-from msr_utmos_cli.train import TrainConfig
+from msr_utmos_cli.training.train import TrainConfig
 
 from conftest import speechlike
 

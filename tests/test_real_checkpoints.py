@@ -20,9 +20,10 @@ import torch
 import torchaudio
 import transformers
 
-from msr_utmos_cli.distill import DistillModel, init_from_teacher, student_config
+from msr_utmos_cli.training.distill_config import DistillModel
+from msr_utmos_cli.training.distill_student import init_from_teacher, student_config
 from msr_utmos_cli.model import MOSModel
-from msr_utmos_cli.teachers import TeacherError, load_teacher
+from msr_utmos_cli.training.teachers import TeacherError, load_teacher
 
 from conftest import speechlike
 

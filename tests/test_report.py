@@ -153,7 +153,7 @@ def test_json_keys(scores, tmp_path):
 
     rep = json.loads(out.read_text(), parse_constant=no_nan)  # NaN must be written as null
     assert set(rep) == {"inputs", "counts", "systems", "sample_rates", "errors", "truth", "baseline", "gate",
-                        "provenance", "warnings"}
+                        "provenance", "warnings", "bandwidth", "files"}
     assert set(rep["systems"][0]) >= {"system", "files", "mean", "ci_low", "ci_high", "rank", "errors"}
     assert [s["ci_low"] for s in rep["systems"] if s["system"] == "sysC"] == [None]
     assert rep["gate"] == {"fail_under": None, "fail_drop": None, "failures": [], "passed": True}
@@ -202,3 +202,126 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case):
 def test_library_call_matches_cli(scores):
     rep = build_report([scores], n_boot=200)
     assert rep["systems"][0]["system"] == "sysA" and rep["utterances"]["mos"][:2] == [3.0, 4.0]
+
+
+# --- bandwidth, pairing, systems by depth, files to listen to ------------------------------------
+BW_HEADER = HEADER + ["bandwidth_hz", "utt_id"]
+
+
+def test_bandwidth_per_system(tmp_path):
+    rows = [["/d/sysA/a1.wav", 48000, 1, 3.0, "", 24000, ""], ["/d/sysA/a2.wav", 48000, 1, 3.1, "", 8000, ""],
+            ["/d/sysA/a3.wav", 48000, 1, 3.2, "", 20000, ""], ["/d/sysB/b1.wav", 16000, 1, 3.3, "", 8000, ""],
+            ["/d/sysB/b2.wav", 16000, 1, 3.4, "", 7900, ""], ["/d/sysB/b3.wav", "", "", "", "boom", "", ""]]
+    p = write_csv(tmp_path / "s.csv", rows, BW_HEADER)
+    by = {s["system"]: s for s in report_json(p)["systems"]}
+    assert by["sysA"]["bandwidth_median_hz"] == 20000 and by["sysA"]["band_limited_share"] == pytest.approx(2 / 3)
+    assert by["sysB"]["bandwidth_median_hz"] == 7950 and by["sysB"]["band_limited_share"] == 0.0
+    out = run(p, "--html", tmp_path / "r.html").stdout
+    assert re.search(r"sysA\s+20000\s+67%", out) and re.search(r"sysB\s+7950\s+0%", out)
+    assert "Bandwidth per system" in (tmp_path / "r.html").read_text()
+    plain = write_csv(tmp_path / "plain.csv", [r[:5] for r in rows])  # an older score file: no column, no table
+    assert "bandwidth_median_hz" not in report_json(plain)["systems"][0] and "Bandwidth" not in run(plain).stdout
+
+
+def test_baseline_pairs_by_utterance_id_when_folders_differ(tmp_path):
+    new = write_csv(tmp_path / "new.csv", [[f"/runs/v2/sys{s}/{i:04d}.wav", 16000, 1, m + i / 10, ""]
+                                           for s, m in (("A", 3.0), ("B", 2.0)) for i in range(4)])
+    old = write_csv(tmp_path / "old.csv", [[f"/runs/v1/sys{s}/{i:04d}.wav", 16000, 1, m + i / 10, ""]
+                                           for s, m in (("A", 3.0), ("B", 2.5)) for i in range(4)])
+    rep = report_json(new, "--baseline", old)
+    by = {b["system"]: b for b in rep["baseline"]["systems"]}
+    assert by["sysB"]["shared_files"] == 4 and by["sysB"]["paired"] and by["sysB"]["diff"] == pytest.approx(-0.5)
+    assert by["sysA"]["diff"] == pytest.approx(0.0) and by["sysA"]["ci_low"] == pytest.approx(0.0)
+    assert rep["baseline"]["pairing"] == {"by_path": 0, "by_system_and_utterance_id": 8, "by_utterance_id": 0,
+                                          "unpaired_new": 0, "unpaired_old": 0}
+    bad = run(new, "--baseline", old, "--fail-drop", "0.4")
+    assert bad.exit_code == 1 and "'sysB' dropped 0.500" in bad.stderr and "sysA" not in bad.stderr
+    # The run folder is the parent: systems differ by name, utterance ids alone pair them.
+    n2 = write_csv(tmp_path / "n2.csv", [[f"/out/run2/u{i}.wav", 16000, 1, 3.0, ""] for i in range(3)])
+    o2 = write_csv(tmp_path / "o2.csv", [[f"/out/run1/u{i}.wav", 16000, 1, 3.2, ""] for i in range(3)])
+    r = run(n2, "--baseline", o2, "--fail-drop", "0.1", "--json", "-")
+    assert r.exit_code == 1 and "has no scores now" not in r.stderr and "'run2' dropped 0.200" in r.stderr
+    assert json.loads(r.stdout)["baseline"]["pairing"]["by_utterance_id"] == 3
+
+
+def test_baseline_pairs_by_the_regex_utterance_id(tmp_path):
+    new = write_csv(tmp_path / "new.csv", [[f"/x/tts{s}_v2_{i:03d}.wav", 16000, 1, 3.0 + s, ""]
+                                           for s in (1, 2) for i in range(3)])
+    old = write_csv(tmp_path / "old.csv", [[f"/y/tts{s}_v1_{i:03d}.wav", 16000, 1, 3.5, ""]
+                                           for s in (1, 2) for i in range(3)])
+    rep = report_json(new, "--baseline", old, "--system-regex", r"^(?P<system>[^_]+)_v\d+_")
+    by = {b["system"]: b for b in rep["baseline"]["systems"]}
+    assert set(by) == {"tts1", "tts2"} and by["tts1"]["shared_files"] == 3 == by["tts2"]["shared_files"]
+    assert by["tts1"]["diff"] == pytest.approx(0.5) and by["tts2"]["diff"] == pytest.approx(1.5)
+    assert rep["baseline"]["pairing"]["by_system_and_utterance_id"] == 6
+    # an explicit utt group: the utterance number alone
+    rep = report_json(new, "--baseline", old, "--system-regex", r"^(?P<system>[^_]+)_v\d+_(?P<utt>\d+)")
+    assert rep["baseline"]["pairing"]["by_system_and_utterance_id"] == 6
+
+
+def test_true_mos_column_is_the_truth(tmp_path):
+    """`utmos finetune` writes validation predictions with true_mos and system columns."""
+    rng = np.random.default_rng(1)
+    true = rng.uniform(1, 5, 12)
+    pred = true + rng.normal(0, 0.4, 12)
+    rows = [[f"/v/{i}.wav", 16000, 1, round(p, 4), "", round(t, 4), f"s{i % 3}"]
+            for i, (p, t) in enumerate(zip(pred, true))]
+    p = write_csv(tmp_path / "predictions.csv", rows, HEADER + ["true_mos", "system"])
+    rep = report_json(p)
+    assert rep["truth"]["files"] == 12 and rep["truth"]["join"]["source"] == "true_mos column"
+    pr, tr = np.round(pred, 4), np.round(true, 4)
+    assert rep["truth"]["metrics"]["utt_SRCC"] == pytest.approx(scipy.stats.spearmanr(pr, tr)[0], abs=1e-6)
+    assert {s["system"] for s in rep["systems"]} == {"s0", "s1", "s2"}
+    assert "Agreement with listening test (12 files" in run(p).stdout
+
+
+def test_system_depth(tmp_path):
+    p = write_csv(tmp_path / "s.csv", [["out/sysA/sub1/x.wav", 16000, 1, 3.0, ""], ["out/sysA/sub2/y.wav", 16000, 1, 4.0, ""],
+                                       ["out/sysB/z.wav", 16000, 1, 2.0, ""]])
+    assert {s["system"]: s["files"] for s in report_json(p)["systems"]} == {"sub1": 1, "sub2": 1, "sysB": 1}
+    one = report_json(p, "--system-depth", "1")
+    assert {s["system"]: s["files"] for s in one["systems"]} == {"sysA": 2, "sysB": 1}
+    assert one["inputs"]["system_source"] == "--system-depth 1"
+    two = report_json(p, "--system-depth", "2")
+    assert {s["system"] for s in two["systems"]} == {"sysA/sub1", "sysA/sub2", "sysB"}
+    for bad in (["--system-depth", "0"], ["--system-depth", "1", "--system-regex", "x"]):
+        r = run(p, *bad)
+        assert r.exit_code == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_repeated_paths_warn(tmp_path):
+    p = write_csv(tmp_path / "s.csv", [["/d/a/1.wav", 16000, 1, 3.0, ""], ["/d/a/2.wav", 16000, 1, 3.0, ""],
+                                       ["/d/a/1.wav", 16000, 1, 3.0, ""]])
+    r = run(p)
+    assert r.exit_code == 0 and "warning: 1 row(s) repeat a path already in the score files (first: /d/a/1.wav)" \
+        in r.stderr
+    assert report_json(write_csv(tmp_path / "u.csv", [["/d/a/1.wav", 16000, 1, 3.0, ""]]))["warnings"] == []
+
+
+def test_files_to_listen_to_in_terminal_and_html(tmp_path, monkeypatch):
+    audio = tmp_path / "audio" / "sysA"
+    audio.mkdir(parents=True)
+    rows, truth = [], []
+    for i, (m, t) in enumerate([(3.9, 4.0), (1.5, 1.6), (2.0, 4.5), (4.2, 2.2), (3.0, 3.1)]):
+        (audio / f"u{i}.wav").write_bytes(b"")
+        rows.append([f"audio/sysA/u{i}.wav", 16000, 1, m, ""])  # relative, as `utmos score audio/` writes them
+        truth.append([f"audio/sysA/u{i}.wav", t])
+    s = write_csv(tmp_path / "s.csv", rows)
+    t = write_csv(tmp_path / "t.csv", truth, ["path", "mos"])
+    html = tmp_path / "reports" / "r.html"
+    html.parent.mkdir()
+    monkeypatch.chdir(tmp_path)
+    r = run(s, "--truth", t, "--worst", "2", "--html", html)
+    assert r.exit_code == 0, r.output
+    out = r.stdout
+    low = out[out.index("Lowest-scored files (2)"):]
+    assert low.index("u1.wav") < low.index("u2.wav") and "u4.wav" not in low.split("Files where")[0]
+    far = out[out.index("Files where prediction and truth disagree most (2)"):]
+    assert far.index("u2.wav") < far.index("u3.wav") and re.search(r"-2\.500", far) and re.search(r"\+2\.000", far)
+    text = html.read_text()
+    srcs = re.findall(r"<audio controls preload='none' src='([^']+)'>", text)
+    assert len(srcs) == 4
+    for src in srcs:  # relative to the HTML's folder, pointing at the real file
+        assert not src.startswith("/") and (html.parent / src).resolve().is_file(), src
+    assert srcs[0] == "../audio/sysA/u1.wav"
+

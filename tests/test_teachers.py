@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 import torch
 
-from msr_utmos_cli.teachers import TeacherError, load_teacher, load_wav2vec2
+from msr_utmos_cli.training.teachers import TeacherError, load_teacher, load_wav2vec2
 
 transformers = pytest.importorskip("transformers")
 

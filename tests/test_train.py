@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from msr_utmos_cli.train import STATE_FILE, OutDirError, TrainConfig, TrainingError, find_checkpoint, fit, lr_factor
+from msr_utmos_cli.training import OutDirError, TrainingError
+from msr_utmos_cli.training.checkpoints import STATE_FILE, find_checkpoint
+from msr_utmos_cli.training.train import TrainConfig, fit, lr_factor
 
 
 class Toy:
@@ -131,3 +133,11 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_untouched(tmp_path):
     fit(Toy(), cfg(tmp_path, max_steps=4), {}, overwrite=True)  # a new run, not the old one's tail
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4] and torch.load(find_checkpoint(tmp_path) / STATE_FILE)["step"] == 4
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "mps" if not torch.backends.mps.is_available() else "tpu"])
+def test_trainer_device_follows_the_scoring_rule_with_one_line_errors(tmp_path, device):
+    """trainer.device is read by the same rule as `utmos score --device`; a wrong one stops before training."""
+    with pytest.raises(TrainingError, match=r"^trainer\.device: .*") as e:
+        fit(Toy(), cfg(tmp_path, device=device), {})
+    assert "\n" not in str(e.value) and not (tmp_path / "metrics.jsonl").exists()

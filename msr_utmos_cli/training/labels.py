@@ -23,12 +23,12 @@ Every problem (missing file, unreadable audio, bad or out-of-scale label) become
 """
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
-from .audio import AudioError, AudioInfo, probe
+from ..audio import AudioError, AudioInfo, probe
+from .tables import TableError, as_records, read_lines
 
 LAYOUTS = ("auto", "csv", "bvcc", "amc25t3")
 OPTIONAL_COLUMNS = ("system", "listener", "domain", "bandwidth_hz")
@@ -75,27 +75,17 @@ def _sniff(first: list[str]) -> str:
 def _rows(path: Path, layout: str) -> tuple[str, list[tuple[int, int, dict]]]:
     """(layout, [(row, line, fields)]) with fields named path/mos/system/listener/domain/bandwidth_hz."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            lines = list(csv.reader(f, skipinitialspace=True))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise LabelError(f"{path}: cannot read label list ({getattr(e, 'strerror', None) or e})") from None
-    numbered = [(i + 1, r) for i, r in enumerate(lines) if r and any(c.strip() for c in r)]
-    if not numbered:
-        raise LabelError(f"{path}: no rows")
-    if layout == "auto":
-        layout = _sniff(numbered[0][1])
+        numbered = read_lines(path)
+        if not numbered:
+            raise LabelError(f"{path}: no rows")
+        if layout == "auto":
+            layout = _sniff(numbered[0][1])
+        if layout == "csv":
+            return layout, [(row, line, d) for row, (line, d) in
+                            enumerate(as_records(numbered, path, ("path", "mos")), 1)]
+    except TableError as e:
+        raise LabelError(f"{e}; a label list is path,mos[,{','.join(OPTIONAL_COLUMNS)}]") from None
     out = []
-    if layout == "csv":
-        (hline, header), body = numbered[0], numbered[1:]
-        header = [h.strip().lower() for h in header]
-        missing = [c for c in ("path", "mos") if c not in header]
-        if missing:
-            raise LabelError(f"{path}: line {hline}: no {' or '.join(repr(c) for c in missing)} column "
-                             f"(header: {','.join(header)}; expected path,mos[,{','.join(OPTIONAL_COLUMNS)}])")
-        for row, (line, r) in enumerate(body, 1):
-            d = {h: (r[i].strip() if i < len(r) else None) for i, h in enumerate(header)}
-            out.append((row, line, d))
-        return layout, out
     for row, (line, r) in enumerate(numbered, 1):
         r = [c.strip() for c in r]
         if layout == "bvcc" and len(r) == 5:

@@ -17,16 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import audio
-from .checkpoint import ModelLoadError, atomic_write, load_model, save_model
+from .. import audio
+from ..checkpoint import ModelLoadError, atomic_write, load_model, save_model
+from ..metrics import mos_metrics
+from ..model import PRESETS, MOSModel
+from ..output import row_fields
+from ..rows import COLUMNS
+from ..scoring import score_files
+from .checkpoints import check_out_dir
 from .config import ConfigError, build
 from .labels import LAYOUTS, LabelError, Utterance, read_labels
-from .metrics import mos_metrics
-from .model import PRESETS, MOSModel, clip_mos
 from .paper_config import load_run_config
-from .train import TrainConfig, check_out_dir, fit
+from .train import TrainConfig, fit
 
-PREDICTION_COLUMNS = ["path", "sample_rate", "duration_s", "mos", "error", "true_mos", "system"]
+PREDICTION_COLUMNS = [*COLUMNS, "true_mos", "system"]  # a score file's columns and the truth
 AUTO_EMBED_DIM = 16  # embedding size chosen when the data needs an embedding the init model lacks
 
 
@@ -257,11 +261,9 @@ class FinetuneTask:
     def predict(self, wave, lengths, sr, domain, listener, frozen: bool = False) -> torch.Tensor:
         """(B, T) -> raw utterance scores (B,); with `frozen` the SSL part runs without gradients."""
         model = self.model
-        layer = model.cfg.head_layer % model.cfg.num_layers
         with torch.no_grad() if frozen else nullcontext():
-            feats, n = model.extract_features(wave, lengths, sr, num_layers=layer + 1)
-        frames = model.head(feats[layer], n, domain, listener)
-        return frames.sum(1) / n.clamp(min=1)
+            feats, n = model.extract_features(wave, lengths, sr, num_layers=model.readout_depth)
+        return model.readout(feats, n, domain, listener)[1]
 
     def loss(self, batch: dict, step: int):
         pred = self.predict(batch["wave"], batch["lengths"], batch["sr"], batch["domain"], batch["listener"],
@@ -269,18 +271,18 @@ class FinetuneTask:
         return utmos_loss(pred, batch["mos"], self.l)
 
     def validate(self) -> dict[str, float] | None:
+        """The validation files scored as `utmos score` scores them (so best/ is chosen on the numbers
+        users will see), against their labels; files it cannot score get its error and are left out."""
         if not self.valid_utts:
             return None
-        preds = score_utterances(self, self.valid_utts, self.trainer.batch_size)
-        true = [u.mos for u in self.valid_utts]
-        systems = [u.system for u in self.valid_utts]
-        metrics = mos_metrics(preds, true, systems)
+        rows = list(score_files(self.model, [u.path for u in self.valid_utts]))
+        scored = [(u, r.mos) for u, r in zip(self.valid_utts, rows) if r.mos is not None]
+        metrics = mos_metrics([p for _, p in scored], [u.mos for u, _ in scored], [u.system for u, _ in scored])
         key = self.d.select_metric
         if not math.isfinite(metrics.get(key, float("nan"))):  # undefined (e.g. constant output) ranks last
             metrics[key] = -1.0 if self.d.select_mode == "max" else float("inf")
-        self.predictions = [{"path": u.path, "sample_rate": u.info.sample_rate, "duration_s": round(u.info.duration, 4),
-                             "mos": round(p, 5), "error": "", "true_mos": round(u.mos, 5), "system": u.system}
-                            for u, p in zip(self.valid_utts, preds)]
+        self.predictions = [{**row_fields(r), "true_mos": round(u.mos, 5), "system": u.system}
+                            for u, r in zip(self.valid_utts, rows)]
         return {key: metrics[key], **{k: v for k, v in metrics.items() if k != key}}
 
     def export(self, folder: Path, metadata: dict) -> None:
@@ -301,27 +303,6 @@ def utmos_loss(pred: torch.Tensor, true: torch.Tensor, l: FinetuneLoss) -> tuple
     con = (diff.abs() - l.contrast_margin).clamp(min=0)[pairs].mean() if pred.numel() > 1 else pred.sum() * 0
     total = l.mse_weight * mse + l.contrast_weight * con
     return total, {"clipped_mse": float(mse.detach()), "contrast": float(con.detach())}
-
-
-@torch.no_grad()
-def score_utterances(task: FinetuneTask, utts: list[Utterance], batch_size: int) -> list[float]:
-    """Whole files at their own rates with the mean listener and their domain -> MOS clipped to 1-5."""
-    device = task.model.device
-    order = sorted(range(len(utts)), key=lambda i: (utts[i].info.sample_rate, utts[i].domain, -utts[i].info.frames))
-    out = [0.0] * len(utts)
-    i = 0
-    while i < len(order):
-        sr, dom = utts[order[i]].info.sample_rate, utts[order[i]].domain
-        idx = [j for j in order[i:i + batch_size] if (utts[j].info.sample_rate, utts[j].domain) == (sr, dom)]
-        i += len(idx)
-        waves = [torch.from_numpy(audio.read_segment(utts[j].info, 0, utts[j].info.frames)) for j in idx]
-        lengths = torch.tensor([w.shape[0] for w in waves], device=device)
-        wave = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
-        d = torch.full((len(idx),), dom, device=device)
-        scores = clip_mos(task.predict(wave, lengths, sr, d, torch.zeros_like(d)).float()).cpu().tolist()
-        for j, s in zip(idx, scores):
-            out[j] = s
-    return out
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
@@ -362,7 +343,7 @@ def run(config: str | os.PathLike | None, overrides: list | None = None, init: s
     train = load_corpora(d.train, "data.train", d.wav_root, scale, skip_bad_rows, log)
     valid = load_corpora(d.valid, "data.valid", d.wav_root, scale, skip_bad_rows, log) if d.valid else []
     if valid and any(u.domain != 0 for u in valid):
-        log("note: `utmos score` predicts with domain 0; validation here uses each corpus's own domain id")
+        log("note: validation scores as `utmos score` does, with domain 0; data.valid's domain ids are not used")
     if valid and d.select_metric.startswith("sys_") and len({u.system for u in valid}) < 3:
         log(f"note: the validation set has fewer than 3 systems; selecting by utt_{d.select_metric[4:]}")
         d.select_metric = resolved["data"]["select_metric"] = "utt_" + d.select_metric[4:]

@@ -65,7 +65,7 @@ def _devices(v) -> tuple[None, None]:
 
 
 def _student(v) -> tuple[str | None, Any]:
-    from .model import PRESETS
+    from ..model import PRESETS
 
     if v in PRESETS:
         return "model.student", v
