@@ -138,8 +138,12 @@ class MOSHead(nn.Module):
         nn.init.constant_(self.proj[-1].bias, 3.0)  # start mid-scale so an untrained head is not clipped
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None, domain: torch.Tensor | None = None,
-                listener: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, F, D), lengths (B,) -> per-frame scores (B, F); padded frames are 0. lengths None: no padding."""
+                listener: torch.Tensor | None = None, fixed_shapes: bool = False) -> torch.Tensor:
+        """x (B, F, D), lengths (B,) -> per-frame scores (B, F); padded frames are 0. lengths None: no padding.
+
+        fixed_shapes: every kernel's shape comes from x's shape alone, never from the other items'
+        lengths (packing sizes each step by how many items are still running), so a batched item's
+        scores cannot depend on its neighbours."""
         B, F, _ = x.shape
         extra = []
         for emb, ids in ((self.domain, domain), (self.listener, listener)):
@@ -149,6 +153,9 @@ class MOSHead(nn.Module):
         x = torch.cat([x, *extra], dim=-1) if extra else x
         if lengths is None:  # every frame valid (the fixed-length ONNX graph): nothing to pack
             return self.proj(self.lstm(x)[0]).squeeze(-1)
+        if fixed_shapes:
+            frames = self.proj(self._lstm_fixed(x, lengths)).squeeze(-1)  # (B, F, 2H) -> (B, F)
+            return frames * (torch.arange(F, device=x.device)[None, :] < lengths[:, None])
         # Packing makes the backward direction start at each item's own last frame.
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True,
                                                    enforce_sorted=False)
@@ -157,6 +164,22 @@ class MOSHead(nn.Module):
         frames = self.proj(out).squeeze(-1)  # (B, F, 1) -> (B, F)
         valid = torch.arange(F, device=x.device)[None, :] < lengths[:, None]
         return frames * valid
+
+
+    def _lstm_fixed(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The BLSTM over padded items without packing: (B, F, D) -> (B, F, 2H).
+
+        The forward direction reads frames in order, so padding after an item never reaches its
+        valid frames. For the backward direction the same rows run again with each item moved to
+        the end (its padding first), so that direction starts at the item's own last frame."""
+        B, F, _ = x.shape
+        t = torch.arange(F, device=x.device)[None, :]
+        shift = (F - lengths.clamp(0, F))[:, None]  # (B, 1)
+        moved = x.gather(1, ((t - shift) % F)[..., None].expand_as(x))  # frame f at position f + shift
+        out = self.lstm(torch.cat([x, moved]))[0]  # (2B, F, 2H)
+        H = out.shape[-1] // 2
+        back = out[B:, :, H:].gather(1, ((t + shift) % F)[..., None].expand(B, F, H))
+        return torch.cat([out[:B, :, :H], back], dim=-1)
 
 
 class MOSModel(nn.Module):
@@ -212,18 +235,20 @@ class MOSModel(nn.Module):
         return self.cfg.head_layer % self.cfg.num_layers + 1
 
     def readout(self, layers: list[torch.Tensor], n: torch.Tensor | None, domain: torch.Tensor | None = None,
-                listener: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                listener: torch.Tensor | None = None, fixed_shapes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder outputs [(B, F, D)] (readout_depth or more), valid frames (B,) -> per-frame scores (B, F)
-        (padding 0) and unclipped utterance scores (B,), the mean over valid frames. n None: all valid."""
-        frames = self.head(layers[self.readout_depth - 1], n, domain, listener)
+        (padding 0) and unclipped utterance scores (B,), the mean over valid frames. n None: all valid.
+        fixed_shapes: as for MOSHead.forward."""
+        frames = self.head(layers[self.readout_depth - 1], n, domain, listener, fixed_shapes)
         return frames, frames.mean(dim=1) if n is None else frames.sum(1) / n.clamp(min=1)
 
     def frame_scores(self, wave: torch.Tensor, lengths: torch.Tensor | None, sr: int,
-                     domain: torch.Tensor | None = None, listener: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """wave (B, T) -> per-frame scores (B, F) (padding = 0) and valid frames (B,)."""
+                     domain: torch.Tensor | None = None, listener: torch.Tensor | None = None,
+                     fixed_shapes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """wave (B, T) -> per-frame scores (B, F) (padding = 0) and valid frames (B,).
+        fixed_shapes: shapes from wave's shape alone (MOSHead.forward), for batched scoring."""
         feats, n = self.extract_features(wave, lengths, sr, num_layers=self.readout_depth)
-        return self.readout(feats, n, domain, listener)[0], n
+        return self.readout(feats, n, domain, listener, fixed_shapes)[0], n
 
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None, sr: int,
                 domain: torch.Tensor | None = None, listener: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,7 +257,8 @@ class MOSModel(nn.Module):
         return self.readout(feats, n, domain, listener)[1]
 
     def score(self, wave, sr: int, window_s: float = DEFAULT_WINDOW_S, channel: int | None = None,
-              channel_axis: int | None = None) -> torch.Tensor:
+              channel_axis: int | None = None, batch_size: int | str = "auto", precision: str = "fp32"
+              ) -> torch.Tensor:
         """MOS on the 1-5 scale -> (B,), under the same input rules as `utmos score`.
 
         `wave`: (T,), a (B, T) batch, or one multichannel recording: (T, C) as soundfile.read
@@ -240,11 +266,15 @@ class MOSModel(nn.Module):
         PCM is scaled to [-1, 1]. Bad input raises AudioError (a ValueError) whose message is the
         CLI's row error. Long inputs are cut into equal windows of at most `window_s` seconds;
         the score is the mean of all frame scores, so it does not depend on where windows fall.
+        batch_size and precision: as for `utmos score` (a score never depends on the rest of the batch).
         """
         need = min_samples(self, check_rate(sr))
         waves = as_waveforms(wave, sr, need, channel, channel_axis)
-        return torch.tensor(score_waveforms(self, waves, sr, window_s=window_s))
+        return torch.tensor(score_waveforms(self, waves, sr, window_s, batch_size, precision))
 
-    def score_files(self, paths, window_s: float = DEFAULT_WINDOW_S, channel: int | None = None) -> list:
-        """One rows.Row per audio file path (mos, or the CLI's one-line error), in order."""
-        return list(score_files(self, paths, window_s=window_s, channel=channel))
+    def score_files(self, paths, window_s: float = DEFAULT_WINDOW_S, channel: int | None = None,
+                    batch_size: int | str = "auto", precision: str = "fp32", workers: int | None = None) -> list:
+        """One rows.Row per audio file path (mos, or the CLI's one-line error), in order: `utmos score`'s
+        engine, with its --batch-size, --precision and --workers."""
+        return list(score_files(self, paths, window_s=window_s, channel=channel, batch_size=batch_size,
+                                precision=precision, workers=workers))

@@ -1,11 +1,10 @@
-"""Scoring many files: walk inputs, window long files, score each window alone, aggregate per file.
+"""Scoring many files: walk inputs, window long files, score the windows, aggregate per file.
 
-Determinism: each window runs through the model alone, on CPU and GPU, so a file's score is a
-function of the file (and the machine's kernels) only, bitwise: never of batch size, neighbours
-or order. Batching padded windows was measured to move scores by 1-2 float32 ulps on CPU too
-(oneDNN/MKL pick kernels by shape), which flipped the 5th decimal of a CSV score on a 16-core
-machine, and bought 0-5% on 2 cores. A long file is cut into equal windows of at most
-`window_s`; its score is the mean of all frame scores of all windows.
+Determinism: a file's score is a function of the file, the batch size and the machine's kernels
+only, bitwise: never of its neighbours or the order of the run (batching.py says how). Batch size
+1 runs each window alone and unpadded; larger batches agree with it to float noise (1e-5). A long
+file is cut into equal windows of at most `window_s`; its score is the mean of all frame scores of
+all windows, added up in window order.
 """
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ import os
 import re
 import sys
 from collections import Counter
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from . import batching
 from .audio import (NAN_ERROR, SILENCE_PEAK, SILENT_ERROR, AudioError, AudioInfo, Span, audio_extensions,
                     check_rate, input_span, probe, read_segment, to_float32, to_mono)
 from .bandwidth import MAX_SECONDS, effective_bandwidth
@@ -217,46 +218,81 @@ def _gained(x: np.ndarray, gain: float) -> np.ndarray:
 # --- the engine ------------------------------------------------------------
 @dataclass
 class _Item:
-    key: int
+    key: int  # which input
+    index: int  # which of its windows: frame sums are added in this order, whatever order batches ran in
     sr: int
+    frames: int  # samples, known before they are read
     load: Callable[[], np.ndarray]
     share: float = 1.0  # this window's part of its input, for progress
 
 
-def _load(it: _Item, on_error: Callable[[int, str], None]) -> np.ndarray | None:
-    """An item's samples, or None after reporting why they cannot be scored."""
+def _load(it: _Item) -> tuple[np.ndarray | None, float, str]:
+    """An item's samples and peak, or (None, 0, why they cannot be scored). Runs on reader threads."""
     try:
         x = it.load()
     except AudioError as e:
-        on_error(it.key, str(e))
-        return None
+        return None, 0.0, str(e)
     if not np.isfinite(x).all():
-        on_error(it.key, NAN_ERROR)
-        return None
-    return x
+        return None, 0.0, NAN_ERROR
+    return x, float(np.abs(x).max()) if x.size else 0.0, ""
+
+
+@dataclass
+class Engine:
+    """How windows reach the model: batch size (batching.plan), precision, and reader threads."""
+    batch_size: int = 1
+    precision: str = "fp32"
+    pool: Executor | None = None  # reads windows ahead of the model; None reads in the scoring thread
+    workers: int = 0  # the pool's threads
 
 
 def _run_items(model: MOSModel, items: list[_Item], on_error: Callable[[int, str], None],
-               tick: Callable[[float], None] | None = None) -> dict[int, list[float]]:
-    """Score items one window at a time. Returns key -> [frame-score sum, frames, peak]."""
-    acc: dict[int, list[float]] = {}
+               tick: Callable[[float], None] | None = None, engine: Engine | None = None) -> dict[int, list[float]]:
+    """Score items batch by batch. Returns key -> [frame-score sum, frames, peak] for inputs whose
+    windows all scored; the first failing window of an input reports its error and drops it.
+
+    One batch runs on the device while the next is read and assembled."""
+    engine = engine or Engine()
+    parts: dict[int, dict[int, tuple[float, int, float]]] = {}
     failed: set[int] = set()
+    batches = batching.plan([(it.sr, it.frames) for it in items], engine.batch_size)
+    order = [items[i] for _, _, idx in batches for i in idx]
+    ahead = batching.READ_AHEAD * max(engine.batch_size, engine.workers)
+    loads = batching.read_ahead(engine.pool, [lambda it=it: _load(it) for it in order], ahead)
+
+    def done(batch: list[_Item], got: list[tuple[_Item, float]], handle) -> None:
+        for (it, peak), (total, n) in zip(got, batching.collect(handle) if got else []):
+            parts.setdefault(it.key, {})[it.index] = (total, n, peak)
+        if tick is not None:
+            for it in batch:
+                tick(it.share)
+
+    pending = None
     with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
                                                             allow_tf32=False):
-        for it in items:
-            x = None if it.key in failed else _load(it, on_error)
-            if x is None:  # the rest of a failed input's windows are skipped
-                failed.add(it.key)
-                acc.pop(it.key, None)
-            else:
-                a = acc.setdefault(it.key, [0.0, 0, 0.0])
-                a[2] = max(a[2], float(np.abs(x).max()) if x.size else 0.0)
-                wave = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(model.device)  # (1, T)
-                frames, n = model.frame_scores(wave, torch.tensor([x.shape[0]], device=model.device), it.sr)
-                a[0] += float(frames.double().sum())
-                a[1] += int(n[0])
-            if tick is not None:
-                tick(it.share)
+        for sr, length, idx in batches:
+            got, waves = [], []
+            for it in (items[i] for i in idx):
+                x, peak, err = next(loads)
+                if it.key in failed:  # the rest of a failed input's windows are skipped
+                    continue
+                if err:
+                    failed.add(it.key)
+                    on_error(it.key, err)
+                    continue
+                got.append((it, peak))
+                waves.append(x)
+            handle = batching.launch(model, waves, sr, length, engine.batch_size, engine.precision) if waves else None
+            if pending is not None:
+                done(*pending)
+            pending = ([items[i] for i in idx], got, handle)
+        if pending is not None:
+            done(*pending)
+    acc = {}
+    for key, windows_ in parts.items():
+        if key not in failed:
+            got = [windows_[i] for i in sorted(windows_)]
+            acc[key] = [sum(t for t, _, _ in got), sum(n for _, n, _ in got), max(p for _, _, p in got)]
     return acc
 
 
@@ -270,7 +306,8 @@ def _finish(a: list[float]) -> tuple[float | None, str]:
     return float(clip_mos(torch.tensor(total / count))), ""
 
 
-def score_waveforms(model: MOSModel, waves: list, sr: int, window_s: float = DEFAULT_WINDOW_S) -> list[float]:
+def score_waveforms(model: MOSModel, waves: list, sr: int, window_s: float = DEFAULT_WINDOW_S,
+                    batch_size: int | str = "auto", precision: str = "fp32") -> list[float]:
     """MOS (1-5) for in-memory mono waveforms (each (T,)) at rate sr.
 
     Raises AudioError (a ValueError) with the row error `utmos score` would write, prefixed
@@ -286,13 +323,15 @@ def score_waveforms(model: MOSModel, waves: list, sr: int, window_s: float = DEF
         if err := length_error(x.shape[0], sr, need):
             raise AudioError(where(key) + err)
         sp = span_for(model, lambda a, b, x=x: x[a:b], x.shape[0], sr)
-        for a, b in windows(sp.stop - sp.start, sr, window_s):
-            items.append(_Item(key, sr, lambda x=x, a=a + sp.start, b=b + sp.start, g=sp.gain: _gained(x[a:b], g)))
+        for i, (a, b) in enumerate(windows(sp.stop - sp.start, sr, window_s)):
+            items.append(_Item(key, i, sr, b - a, lambda x=x, a=a + sp.start, b=b + sp.start, g=sp.gain:
+                               _gained(x[a:b], g)))
 
     def fail(key: int, msg: str) -> None:
         raise AudioError(where(key) + msg)
 
-    acc = _run_items(model, items, fail)
+    batching.check_precision(precision)
+    acc = _run_items(model, items, fail, engine=Engine(batching.batch_size_for(batch_size, model.device), precision))
     out = []
     for k in range(len(waves)):
         mos, err = _finish(acc[k])
@@ -303,59 +342,111 @@ def score_waveforms(model: MOSModel, waves: list, sr: int, window_s: float = DEF
 
 
 def score_files(model: MOSModel, paths: Iterable[str], window_s: float = DEFAULT_WINDOW_S,
-                channel: int | None = None) -> Iterator[Row]:
-    """One Row per path, in order: a MOS, or the one-line error `utmos score` writes for it."""
+                channel: int | None = None, **engine) -> Iterator[Row]:
+    """One Row per path, in order: a MOS, or the one-line error `utmos score` writes for it.
+    `engine`: batch_size, precision and workers, as for score_chunks."""
     pairs = ((p, "" if os.path.lexists(p) else "no such file") for p in map(os.fspath, paths))
-    for rows in score_chunks(model, pairs, window_s=window_s, channel=channel):
+    for rows in score_chunks(model, pairs, window_s=window_s, channel=channel, **engine):
         yield from rows
 
 
+def _plan_file(model: MOSModel, path: str, err: str, channel: int | None) -> tuple[Row, AudioInfo | None, Span | None]:
+    """A file's row (rate and duration, or its error) and the span the model hears. Runs on reader threads."""
+    row = Row(path, error=err)
+    if err:
+        return row, None, None
+    try:
+        info = probe(path)
+        row.sample_rate, row.duration_s = info.sample_rate, info.frames / info.sample_rate
+        row.error = length_error(info.frames, info.sample_rate, min_samples(model, info.sample_rate))
+        if not row.error and channel is not None:
+            to_mono(np.zeros((0, info.channels), np.float32), channel)
+        if not row.error:
+            sp = span_for(model, _same_block_once(lambda a, b: read_segment(info, a, b, channel)),
+                          info.frames, info.sample_rate)
+            row.error = SILENT_ERROR if 0 <= sp.peak < SILENCE_PEAK else ""
+    except AudioError as e:
+        row.error = str(e)
+    if row.error:
+        return row, None, None
+    row.bandwidth_hz = file_bandwidth(info, channel)
+    return row, info, sp
+
+
+def _same_block_once(read: Callable[[int, int], np.ndarray]) -> Callable[[int, int], np.ndarray]:
+    """`read` that returns the last block again without decoding it again (the input rule reads each
+    block up to three times: peak, first and last loud sample)."""
+    last: list = [None, None]
+
+    def cached(a: int, b: int) -> np.ndarray:
+        if last[0] != (a, b):
+            last[:] = [(a, b), read(a, b)]
+        return last[1]
+    return cached
+
+
+def _planned(chunks: Iterator[list], plan: Callable, pool: Executor | None) -> Iterator[tuple[list, list]]:
+    """(chunk, plans) per chunk; with reader threads the next chunk is planned while this one scores."""
+    if pool is None:
+        yield from ((c, [plan(*pe) for pe in c]) for c in chunks)
+        return
+    ahead = None
+    for chunk in chunks:
+        futures = [pool.submit(plan, *pe) for pe in chunk]
+        if ahead is not None:
+            yield ahead[0], [f.result() for f in ahead[1]]
+        ahead = (chunk, futures)
+    if ahead is not None:
+        yield ahead[0], [f.result() for f in ahead[1]]
+
+
 def score_chunks(model: MOSModel, paths: Iterable[tuple[str, str]], window_s: float = DEFAULT_WINDOW_S,
-                 channel: int | None = None, chunk_files: int = 64,
-                 progress: Callable[[float], None] | None = None) -> Iterator[list[Row]]:
+                 channel: int | None = None, chunk_files: int | None = None,
+                 progress: Callable[[float], None] | None = None, batch_size: int | str = "auto",
+                 precision: str = "fp32", workers: int | None = None) -> Iterator[list[Row]]:
     """Score (path, error) pairs chunk by chunk; yields each chunk's rows in input order.
 
-    Only one chunk's windows are planned at a time and samples are read window by window,
-    so memory stays bounded for any number of files and any file length. `progress(files)`
-    is called after every window with the part of a file it covered.
+    Only one chunk's windows are planned at a time (two with reader threads) and samples are read
+    window by window, so memory stays bounded for any number of files and any file length.
+    `progress(files)` is called as windows finish with the part of a file each covered.
+    batch_size: windows per batch ('auto': batching.AUTO_BATCH); precision: fp32, bf16 or fp16;
+    workers: threads reading files ahead of the model (None: batching.workers_for). A chunk holds
+    64 files, or 256 per batch row when batching: a batch only holds windows of one rate and length
+    bucket, so it takes that many for most batches to fill (rows are still only Row objects).
     """
+    n = batching.batch_size_for(batch_size, model.device)
+    batching.check_precision(precision)
+    threads = batching.workers_for(workers, model.device)
     it = iter(paths)
-    while chunk := list(islice(it, chunk_files)):
-        rows: list[Row] = []
-        items: list[_Item] = []
-        for key, (path, err) in enumerate(chunk):
-            row = Row(path, error=err)
-            rows.append(row)
-            if not err:
-                try:
-                    info = probe(path)
-                    row.sample_rate, row.duration_s = info.sample_rate, info.frames / info.sample_rate
-                    row.error = length_error(info.frames, info.sample_rate, min_samples(model, info.sample_rate))
-                    if not row.error and channel is not None:
-                        to_mono(np.zeros((0, info.channels), np.float32), channel)
-                    if not row.error:
-                        sp = span_for(model, lambda a, b, info=info: read_segment(info, a, b, channel),
-                                      info.frames, info.sample_rate)
-                        row.error = SILENT_ERROR if 0 <= sp.peak < SILENCE_PEAK else ""
-                except AudioError as e:
-                    row.error = str(e)
-            if row.error:
-                if progress is not None:
-                    progress(1.0)
-                continue
-            row.bandwidth_hz = file_bandwidth(info, channel)
-            span = sp.stop - sp.start
-            for a, b in windows(span, info.sample_rate, window_s):
-                items.append(_Item(key, info.sample_rate, lambda info=info, a=a + sp.start, b=b + sp.start, g=sp.gain:
-                                   _gained(read_segment(info, a, b, channel), g), (b - a) / span))
+    chunks = iter(lambda: list(islice(it, chunk_files or (64 if n == 1 else 256 * n))), [])
+    planners = ThreadPoolExecutor(threads, "utmos-plan") if threads else None
+    readers = ThreadPoolExecutor(threads, "utmos-read") if threads else None
+    try:
+        for chunk, plans in _planned(chunks, lambda p, e: _plan_file(model, p, e, channel), planners):
+            rows = [row for row, _, _ in plans]
+            items: list[_Item] = []
+            for key, (row, info, sp) in enumerate(plans):
+                if info is None:
+                    if progress is not None:
+                        progress(1.0)
+                    continue
+                span = sp.stop - sp.start
+                for i, (a, b) in enumerate(windows(span, info.sample_rate, window_s)):
+                    items.append(_Item(key, i, info.sample_rate, b - a, lambda info=info, a=a + sp.start,
+                                       b=b + sp.start, g=sp.gain: _gained(read_segment(info, a, b, channel), g),
+                                       (b - a) / span))
 
-        def fail(key: int, msg: str) -> None:
-            rows[key].error = rows[key].error or msg
+            def fail(key: int, msg: str) -> None:
+                rows[key].error = rows[key].error or msg
 
-        acc = _run_items(model, items, fail, progress)
-        for key, row in enumerate(rows):
-            if not row.error and key in acc:
-                row.mos, row.error = _finish(acc[key])
-            if row.error:
-                row.bandwidth_hz = None
-        yield rows
+            acc = _run_items(model, items, fail, progress, Engine(n, precision, readers, threads))
+            for key, row in enumerate(rows):
+                if not row.error and key in acc:
+                    row.mos, row.error = _finish(acc[key])
+                if row.error:
+                    row.bandwidth_hz = None
+            yield rows
+    finally:
+        for pool in (planners, readers):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)

@@ -76,9 +76,9 @@ def test_long_input_is_windowed_with_bounded_windows(model, monkeypatch):
     seen = []
     forward = model.frame_scores
 
-    def spy(wave, lengths, sr, *args):
+    def spy(wave, lengths, sr, *args, **kw):
         seen.append(int(lengths[0]))
-        return forward(wave, lengths, sr, *args)
+        return forward(wave, lengths, sr, *args, **kw)
 
     monkeypatch.setattr(model, "frame_scores", spy)
     x = speechlike(16000, 50.0, seed=5)
