@@ -136,6 +136,35 @@ def test_items_whose_band_fits_take_the_full_clip_targets(tmp_path):
     assert distill_data.present(clip(3000.0), 0, 24000, 16000).teacher_mos == 2.0
 
 
+def test_training_crops_hear_the_input_rule_scoring_applies(tmp_path):
+    """A quiet clip padded with silence trains at the level scoring gives it, on the part scoring hears."""
+    from msr_utmos_cli import audio
+    from msr_utmos_cli.testing import speechlike
+
+    sr = 16000
+    voice = speechlike(sr, 2.0).astype(np.float32) * 0.01
+    x = np.concatenate([np.zeros(3 * sr, np.float32), voice, np.zeros(3 * sr, np.float32)])
+    sf.write(tmp_path / "q.wav", x, sr, subtype="FLOAT")
+    clip = distill_data.Clip(audio.probe(tmp_path / "q.wav"), sr / 2)
+    assert distill_data.with_input_rule(clip, None, None) is clip
+    ruled = distill_data.with_input_rule(clip, -26.0, -40.0)
+    sp = audio.input_span(lambda a, b: x[a:b], len(x), sr, -26.0, -40.0)
+    assert ruled.span == (sp.start, sp.stop) and ruled.gain == pytest.approx(sp.gain) and ruled.gain > 10
+    a, b = ruled.span
+    assert 2.8 * sr < a < 3 * sr and 5 * sr < b < 5.2 * sr
+    got = distill_data.present(ruled, a, a + sr, sr).wave
+    assert torch.allclose(got, torch.from_numpy(x[a:a + sr]) * ruled.gain)
+    rms_db = 20 * math.log10(float(torch.sqrt((distill_data.present(ruled, a, b, sr).wave ** 2).mean())))
+    assert rms_db == pytest.approx(-26.0, abs=0.1)
+    for batch in distill_data.batch_stream([ruled], [sr], 1.0, 4, 0, 1, seed=0, start=0):
+        break
+    # Every crop comes from inside the span: none of them is the silence scoring never hears.
+    assert (batch["wave"].abs().amax(1) > 0.01).all()
+    starts = [int(np.random.default_rng([0, 3, i]).integers(b - a - sr + 1)) for i in range(4)]
+    for k, s0 in enumerate(starts):
+        assert torch.allclose(batch["wave"][k], torch.from_numpy(x[a + s0:a + s0 + sr]) * ruled.gain)
+
+
 def test_bf16_autocast_trains(assets, tmp_path):
     """CUDA runs default to bf16 autocast; on a CPU the same autocast reaches the same code paths."""
     from msr_utmos_cli import load_model

@@ -20,7 +20,7 @@ from ..model import MOSModel
 from .checkpoints import check_out_dir
 from .config import ConfigError
 from .distill_config import SECTIONS, DistillData, DistillModel, check
-from .distill_data import Presenting, batch_stream, collate, collect, present
+from .distill_data import Presenting, batch_stream, collate, collect, present, with_input_rule
 from .distill_student import Distiller, init_from_run, init_from_teacher, layer_pairs, student_config
 from .paper_config import load_run_config
 from .teacher_cache import read_cache
@@ -55,6 +55,9 @@ class DistillTask:
         self._valid_batches: list[dict] | None = None
         torch.manual_seed(trainer.seed)  # the student's and the projections' initial weights
         student = MOSModel(student_config(m, self.teacher))
+        rule = (student.cfg.input_rms_db, student.cfg.input_trim_db)
+        self.clips = [with_input_rule(c, *rule) for c in self.clips]
+        self.valid_clips = [with_input_rule(c, *rule) for c in self.valid_clips]
         self.init_info = {"train_clips": len(self.clips)}
         if m.init_from_teacher and isinstance(self.teacher, Wav2Vec2Teacher):
             self.init_info.update(init_from_teacher(student, self.teacher, m.sfi_fit_steps))

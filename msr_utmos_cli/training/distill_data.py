@@ -6,7 +6,7 @@ that rate and the teacher hears the same audio resampled to 16 kHz.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,20 @@ class Clip:
     bandwidth_hz: float  # real audio bandwidth (a file may be an upsampled narrower one)
     cached: Target = Target()  # the teacher's cached outputs for the whole clip (model.teacher_labels/features)
     at_rate: dict[int, Target] = field(default_factory=dict, compare=False, repr=False)  # model.teacher_at_rate
+    span: tuple[int, int] | None = None  # where crops are drawn: the samples scoring would hear; None = all
+    gain: float = 1.0  # the level scoring would give the clip (the student's input rule)
+
+
+def with_input_rule(clip: Clip, rms_db: float | None, trim_db: float | None) -> Clip:
+    """The clip as the student will hear it when scoring: edge silence trimmed, level set by the rule.
+
+    Training on the raw levels while scoring at the rule's level would teach the student inputs it
+    never gets; the cached teacher frames stay aligned because crops keep their offsets in the file."""
+    if rms_db is None and trim_db is None:
+        return clip
+    sp = audio.input_span(lambda a, b: audio.read_segment(clip.info, a, b), clip.info.frames,
+                          clip.info.sample_rate, rms_db, trim_db)
+    return replace(clip, span=(sp.start, sp.stop), gain=sp.gain)
 
 
 FRAME_S = 0.02  # teacher and student frame hop (50 frames per second)
@@ -122,6 +136,8 @@ def present(clip: Clip, start: int, stop: int, sr: int, how: Presenting = Presen
     content above the native Nyquist). Cached frames start at `start` (see `frame_start`).
     """
     x = torch.from_numpy(audio.read_segment(clip.info, start, stop).copy())
+    if clip.gain != 1.0:
+        x = x * clip.gain
     y = audio.resample(x, clip.info.sample_rate, sr)
     fits = how.full_when_fits and clip.bandwidth_hz <= sr / 2
     ref = how.reference_at(sr)
@@ -187,8 +203,9 @@ def batch_stream(clips: list[Clip], rates: list[int], crop_s: float, batch_size:
             epoch = i // n
             clip = clips[int(np.random.default_rng([seed, 2, epoch]).permutation(n)[i % n])]
             crop = int(round(crop_s * clip.info.sample_rate))
-            off = frame_start(clip, int(np.random.default_rng([seed, 3, i]).integers(max(clip.info.frames - crop, 0) + 1)))
-            items.append(present(clip, off, min(off + crop, clip.info.frames), sr, how))
+            a, b = clip.span or (0, clip.info.frames)
+            off = frame_start(clip, a + int(np.random.default_rng([seed, 3, i]).integers(max(b - a - crop, 0) + 1)))
+            items.append(present(clip, off, min(off + crop, b), sr, how))
         return collate(items, sr)
 
     if workers <= 0:
