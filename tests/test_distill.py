@@ -147,6 +147,10 @@ def test_training_crops_hear_the_input_rule_scoring_applies(tmp_path):
     sf.write(tmp_path / "q.wav", x, sr, subtype="FLOAT")
     clip = distill_data.Clip(audio.probe(tmp_path / "q.wav"), sr / 2)
     assert distill_data.with_input_rule(clip, None, None) is clip
+    sf.write(tmp_path / "z.wav", np.zeros(sr, np.float32), sr, subtype="FLOAT")
+    silent = distill_data.Clip(audio.probe(tmp_path / "z.wav"), sr / 2)
+    assert distill_data.with_input_rule(silent, -26.0, -40.0) is None  # scoring refuses it: nothing to learn
+    assert distill_data.with_input_rule(silent, None, None) is silent
     ruled = distill_data.with_input_rule(clip, -26.0, -40.0)
     sp = audio.input_span(lambda a, b: x[a:b], len(x), sr, -26.0, -40.0)
     assert ruled.span == (sp.start, sp.stop) and ruled.gain == pytest.approx(sp.gain) and ruled.gain > 10

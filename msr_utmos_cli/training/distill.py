@@ -56,8 +56,10 @@ class DistillTask:
         torch.manual_seed(trainer.seed)  # the student's and the projections' initial weights
         student = MOSModel(student_config(m, self.teacher))
         rule = (student.cfg.input_rms_db, student.cfg.input_trim_db)
-        self.clips = [with_input_rule(c, *rule) for c in self.clips]
-        self.valid_clips = [with_input_rule(c, *rule) for c in self.valid_clips]
+        self.clips = [c for c in (with_input_rule(c, *rule) for c in self.clips) if c is not None]
+        self.valid_clips = [c for c in (with_input_rule(c, *rule) for c in self.valid_clips) if c is not None]
+        if not self.clips:
+            raise ConfigError("data: every training clip is silent")
         self.init_info = {"train_clips": len(self.clips)}
         if m.init_from_teacher and isinstance(self.teacher, Wav2Vec2Teacher):
             self.init_info.update(init_from_teacher(student, self.teacher, m.sfi_fit_steps))

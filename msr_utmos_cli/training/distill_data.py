@@ -30,8 +30,9 @@ class Clip:
     gain: float = 1.0  # the level scoring would give the clip (the student's input rule)
 
 
-def with_input_rule(clip: Clip, rms_db: float | None, trim_db: float | None) -> Clip:
-    """The clip as the student will hear it when scoring: edge silence trimmed, level set by the rule.
+def with_input_rule(clip: Clip, rms_db: float | None, trim_db: float | None) -> Clip | None:
+    """The clip as the student will hear it when scoring: edge silence trimmed, level set by the rule;
+    None for a silent clip, which scoring refuses.
 
     Training on the raw levels while scoring at the rule's level would teach the student inputs it
     never gets; the cached teacher frames stay aligned because crops keep their offsets in the file."""
@@ -39,7 +40,7 @@ def with_input_rule(clip: Clip, rms_db: float | None, trim_db: float | None) -> 
         return clip
     sp = audio.input_span(lambda a, b: audio.read_segment(clip.info, a, b), clip.info.frames,
                           clip.info.sample_rate, rms_db, trim_db)
-    return replace(clip, span=(sp.start, sp.stop), gain=sp.gain)
+    return None if sp.peak == 0 else replace(clip, span=(sp.start, sp.stop), gain=sp.gain)
 
 
 FRAME_S = 0.02  # teacher and student frame hop (50 frames per second)
