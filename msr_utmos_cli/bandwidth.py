@@ -71,17 +71,16 @@ def effective_bandwidth(x: np.ndarray, sr: int) -> float | None:
     stretch = _windows(env, k, np.nanmedian)  # [j]: median of env[j: j+k], shortened near Nyquist
     top_of = np.maximum.accumulate(stretch[::-1])[::-1]  # [j]: the loudest stretch from band j up
     loudest = float(stretch.max())
-    best, drop = None, CLIFF_DB
-    for i in range(2 * k - 1, n):  # i: the last band of content; from 2 kHz; the steepest cliff wins
-        gap = max(5, int(np.ceil(GAP * (i + 1))))
-        if i + 1 + gap > n - 5:  # too little room above to tell a cliff from the roll-off at Nyquist
-            break
-        below = float(np.median(env[i - k + 1: i + 1]))
-        if below >= loudest - CONTENT_DB and below - top_of[i + 1 + gap] >= drop:
-            best, drop = (i, gap), below - top_of[i + 1 + gap]
-    if best is None:
+    i = np.arange(2 * k - 1, n)  # the last band of content, from 2 kHz up
+    gap = np.maximum(5, np.ceil(GAP * (i + 1)).astype(int))
+    room = i + 1 + gap <= n - 5  # too little room above to tell a cliff from the roll-off at Nyquist
+    i, gap = i[room], gap[room]
+    below = stretch[i - k + 1]  # the content in the 1 kHz up to band i
+    drop = np.where(below >= loudest - CONTENT_DB, below - top_of[np.minimum(i + 1 + gap, n - 1)], -np.inf)
+    if not drop.size or drop.max() < CLIFF_DB:
         return float(nyq)
-    i, gap = best
+    best = drop.size - 1 - int(np.argmax(drop[::-1]))  # the steepest cliff (the highest of equals)
+    i, gap = int(i[best]), int(gap[best])
     ref = float(np.median(env[i - 2 * k + 1: i - k + 1]))  # 1-2 kHz below: content proper (harmonic peaks)
     top = int(np.flatnonzero(db[: i + 1 + gap] >= ref - EDGE_DB)[-1])
     return float(min((top + 0.5) * BAND_HZ, nyq))
