@@ -167,6 +167,11 @@ def test_training_crops_hear_the_input_rule_scoring_applies(tmp_path):
     starts = [int(np.random.default_rng([0, 3, i]).integers(b - a - sr + 1)) for i in range(4)]
     for k, s0 in enumerate(starts):
         assert torch.allclose(batch["wave"][k], torch.from_numpy(x[a + s0:a + s0 + sr]) * ruled.gain)
+    # Validation hears the first second of the span too, not the silence before it.
+    from types import SimpleNamespace
+    task = SimpleNamespace(data=SimpleNamespace(crop_s=1.0), presenting=Presenting())
+    v = distill.DistillTask._valid_item(task, ruled, sr).wave
+    assert torch.allclose(v, torch.from_numpy(x[a:a + sr]) * ruled.gain)
 
 
 def test_bf16_autocast_trains(assets, tmp_path):

@@ -20,7 +20,7 @@ from ..model import MOSModel
 from .checkpoints import check_out_dir
 from .config import ConfigError
 from .distill_config import SECTIONS, DistillData, DistillModel, check
-from .distill_data import Presenting, batch_stream, collate, collect, present, with_input_rule
+from .distill_data import Presenting, batch_stream, collate, collect, frame_start, present, with_input_rule
 from .distill_student import Distiller, init_from_run, init_from_teacher, layer_pairs, student_config
 from .paper_config import load_run_config
 from .teacher_cache import read_cache
@@ -164,10 +164,15 @@ class DistillTask:
             B = self.trainer.batch_size
             for sr in self.data.rates:
                 for i in range(0, len(self.valid_clips), B):
-                    items = [present(c, 0, min(c.info.frames, int(round(self.data.crop_s * c.info.sample_rate))), sr,
-                                     self.presenting) for c in self.valid_clips[i:i + B]]
+                    items = [self._valid_item(c, sr) for c in self.valid_clips[i:i + B]]
                     self._valid_batches.append(collate(items, sr))
         return self._valid_batches
+
+    def _valid_item(self, clip, sr: int):
+        """The first `crop_s` seconds of what scoring hears of the clip (its input-rule span, else all of it)."""
+        a, b = clip.span or (0, clip.info.frames)
+        a = frame_start(clip, a)
+        return present(clip, a, min(b, a + int(round(self.data.crop_s * clip.info.sample_rate))), sr, self.presenting)
 
     def export(self, folder: Path, metadata: dict) -> None:
         meta = {**metadata, "task": "distill", "teacher": self.m.teacher,
