@@ -1,7 +1,7 @@
 """The headline protocol: how a model judges voices, languages and degradations it never trained on.
 
     python benchmarks/eval_heldout.py --model models/<name> --corpus corpus_ml/ [--out heldout.json]
-        [--peers distillmos,dnsmos] [--max-utts N]
+        [--peers distillmos,dnsmos] [--max-utts N] [--rates 8000,16000,24000,48000]
 
 The corpus is scripts/build_multilingual.py's: its `heldout` split holds whole languages and speakers
 that no training clip has, each utterance clean and along full severity ladders (some degradation types
@@ -10,7 +10,8 @@ never trained on), stored at one of 16 / 24 / 44.1 / 48 kHz. For the model and i
 1. Severity order: pairs of the same utterance and degradation type (clean = severity 0) ranked the
    right way round (more severe -> lower; a tie counts half), overall and per type.
 2. Agreement with DistillMOS (at 16 kHz, its own rate): SRCC and mean absolute difference with each
-   clip presented at 8, 16, 24 and 48 kHz (band-limited resampling from the file), and per language.
+   clip at its own rate and presented at each of --rates (band-limited resampling from the file; ''
+   for none, a quick run of the whole split), and per language.
 3. Rate spread: the same clean content below 3.5 kHz stored at 8-48 kHz (rate_ladder.csv): max - min.
 4. Level: each clean utterance scaled to a peak of 0, -10, -20 and -30 dBFS: max - min.
 5. Silence: each clean utterance with 1 s of digital zero, or of a -80 dBFS noise floor, at both ends:
@@ -150,10 +151,10 @@ def print_tables(res: dict) -> None:
     types = [k for k in sev[judges[0]] if k not in ("all", "pairs")]
     for t in types:
         print(f"| severity order, {t} | " + " | ".join(f"{sev[j][t]:.3f}" for j in judges) + " |")
-    for r in RATES:
-        cells = [f"{res['agreement'][str(r)][j]['srcc']:.3f} / {res['agreement'][str(r)][j]['mad']:.2f}"
-                 if j in res["agreement"][str(r)] else "1 / 0" for j in judges]
-        print(f"| SRCC / MAD with DistillMOS, presented at {r} Hz | " + " | ".join(cells) + " |")
+    for r, a in res["agreement"].items():
+        cells = [f"{a[j]['srcc']:.3f} / {a[j]['mad']:.2f}" if j in a else "1 / 0" for j in judges]
+        at = "at each file's own rate" if r == "native" else f"presented at {r} Hz"
+        print(f"| SRCC / MAD with DistillMOS, {at} | " + " | ".join(cells) + " |")
     rs = res["rate_spread"]
     print(f"| same content at 8-48 kHz: spread mean / worst ({rs['clips']} clips) | {rs['mean']:.3f} / {rs['worst']:.3f} |"
           + " – |" * (len(judges) - 1))
@@ -174,7 +175,13 @@ def main() -> None:
     ap.add_argument("--peers", default="distillmos,dnsmos", help="comma list of peers scored on the same clips")
     ap.add_argument("--max-utts", type=int, default=0, help="about N held-out utterances, spread over the sources (quick runs)")
     ap.add_argument("--robust-clips", type=int, default=24, help="clean clips used for the level and silence tests")
+    ap.add_argument("--rates", default=",".join(map(str, RATES)),
+                    help="rates every clip is also presented at for agreement ('' for none: each file's own rate only)")
     args = ap.parse_args()
+    try:
+        rates = [int(r) for r in args.rates.split(",") if r]
+    except ValueError:
+        sys.exit(f"--rates: expected comma-separated rates in Hz, not {args.rates!r}")
     t0 = time.perf_counter()
     rows = [r for r in read_rows(args.corpus / "manifest.csv", None) if r["split"] == "heldout"]
     if args.max_utts:
@@ -197,8 +204,10 @@ def main() -> None:
     judges = {"model": native, "distillmos": teacher}
     if "dnsmos" in peers:
         judges["dnsmos"] = dnsmos_scores(paths, cache / "dnsmos_cache.json")
-    agree = {}
-    for rate in RATES:
+    agree = {"native": {"model": agreement(native, teacher)}}
+    if "dnsmos" in judges:
+        agree["native"]["dnsmos"] = agreement(judges["dnsmos"], teacher)
+    for rate in rates:
         at = [native[i] if sr == rate else model_score(model, resample(w, sr, rate), rate)
               for i, (w, sr) in enumerate(audio)]
         agree[str(rate)] = {"model": agreement(at, teacher)}

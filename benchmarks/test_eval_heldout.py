@@ -88,7 +88,7 @@ def test_protocol_end_to_end_on_a_synthetic_held_out_split(corpus, tmp_path, mon
     res = json.loads(out.read_text())
     assert res["n_clips"] == 12 and res["n_utts"] == 3 and res["languages"] == ["xx", "yy"]  # the train clip is not read
     assert res["severity"]["distillmos"]["all"] == 1.0 and res["severity"]["model"]["pairs"] == 18
-    assert set(res["agreement"]) == {"8000", "16000", "24000", "48000"}
+    assert set(res["agreement"]) == {"native", "8000", "16000", "24000", "48000"}
     assert all(res["agreement"][r]["model"]["n"] == 12 for r in res["agreement"])
     assert set(res["by_language"]) == {"xx"} and res["by_language"]["xx"]["n"] == 8  # yy: too few clips (4 < 5)
     assert res["rate_spread"]["clips"] == 1 and res["rate_spread"]["worst"] >= 0
@@ -96,3 +96,8 @@ def test_protocol_end_to_end_on_a_synthetic_held_out_split(corpus, tmp_path, mon
     assert [c["distillmos"] for c in res["clips"]][:4] == [4.0, 3.0, 2.0, 1.0]
     printed = capsys.readouterr().out
     assert "| severity order, all 18 pairs |" in printed and "| xx | 8 |" in printed
+    assert "| SRCC / MAD with DistillMOS, at each file's own rate |" in printed
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--rates", ""])  # the quick run: each file's own rate only
+    eh.main()
+    quick = json.loads(out.read_text())
+    assert set(quick["agreement"]) == {"native"} and quick["agreement"]["native"] == res["agreement"]["native"]
