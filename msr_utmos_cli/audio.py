@@ -209,14 +209,13 @@ class Span:
     peak: float
 
 
-def input_span(read, frames: int, rms_db: float | None, trim_db: float | None, need: int = 0) -> Span:
+def input_span(read, frames: int, sr: int, rms_db: float | None, trim_db: float | None,
+               pad_s: float = 0.1, need: int = 0) -> Span:
     """The level and silence rule a model was trained with, applied to any input before scoring.
 
-    Leading and trailing samples below `trim_db` re the peak are cut at the first and last sample above
-    it, with no margin: a margin hears more or less of whatever silence a file carries (1 s of padding
-    moved held-out scores by up to 0.57 MOS with a 0.1 s margin), so padding now leaves a score alone
-    to the bit. The rest is scaled to `rms_db` dBFS RMS, lowered where the peak would pass 0.99 (so the
-    level a file was rendered at leaves it alone too).
+    Leading and trailing samples below `trim_db` re the peak are cut, keeping `pad_s` either side
+    (padding with silence then leaves the score alone), and the rest is scaled to `rms_db` dBFS RMS,
+    lowered where the peak would pass 0.99 (so the level a file was rendered at leaves it alone too).
     Both are ratios to the file's own peak and energy, hence the same for the file at any gain.
     `read(a, b)` returns samples [a, b) as float32 (T,): files are read block by block, never whole.
     """
@@ -228,7 +227,8 @@ def input_span(read, frames: int, rms_db: float | None, trim_db: float | None, n
         first = next(a + int(np.argmax(np.abs(x) > thr)) for a, b in blocks if (np.abs(x := read(a, b)) > thr).any())
         last = next(a + int(np.flatnonzero(np.abs(x) > thr)[-1]) for a, b in reversed(blocks)
                     if (np.abs(x := read(a, b)) > thr).any())
-        start, stop = first, last + 1
+        pad = int(pad_s * sr)
+        start, stop = max(first - pad, 0), min(last + 1 + pad, frames)
         if stop - start < need:  # too short once trimmed: widen about the middle, within the file
             mid = (start + stop) // 2
             start = max(0, min(mid - need // 2, frames - need))

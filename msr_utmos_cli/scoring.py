@@ -197,7 +197,7 @@ def span_for(model: MOSModel, read, frames: int, sr: int) -> Span:
     c = model.cfg
     if c.input_rms_db is None and c.input_trim_db is None:
         return Span(0, frames, 1.0, -1.0)  # peak unknown until the windows are read
-    return input_span(read, frames, c.input_rms_db, c.input_trim_db, need=min_samples(model, sr))
+    return input_span(read, frames, sr, c.input_rms_db, c.input_trim_db, need=min_samples(model, sr))
 
 
 def file_bandwidth(info: AudioInfo, channel: int | None = None) -> int | None:

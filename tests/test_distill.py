@@ -152,7 +152,7 @@ def test_training_crops_hear_the_input_rule_scoring_applies(tmp_path):
     assert distill_data.with_input_rule(silent, -26.0, -40.0) is None  # scoring refuses it: nothing to learn
     assert distill_data.with_input_rule(silent, None, None) is silent
     ruled = distill_data.with_input_rule(clip, -26.0, -40.0)
-    sp = audio.input_span(lambda a, b: x[a:b], len(x), -26.0, -40.0)
+    sp = audio.input_span(lambda a, b: x[a:b], len(x), sr, -26.0, -40.0)
     assert ruled.span == (sp.start, sp.stop) and ruled.gain == pytest.approx(sp.gain) and ruled.gain > 10
     a, b = ruled.span
     assert 2.8 * sr < a < 3 * sr and 5 * sr < b < 5.2 * sr

@@ -38,7 +38,8 @@ def with_input_rule(clip: Clip, rms_db: float | None, trim_db: float | None) -> 
     never gets; the cached teacher frames stay aligned because crops keep their offsets in the file."""
     if rms_db is None and trim_db is None:
         return clip
-    sp = audio.input_span(lambda a, b: audio.read_segment(clip.info, a, b), clip.info.frames, rms_db, trim_db)
+    sp = audio.input_span(lambda a, b: audio.read_segment(clip.info, a, b), clip.info.frames,
+                          clip.info.sample_rate, rms_db, trim_db)
     return None if sp.peak == 0 else replace(clip, span=(sp.start, sp.stop), gain=sp.gain)
 
 
