@@ -222,7 +222,9 @@ class SFIConv1d(nn.Module):
         if torch.is_grad_enabled() and self.mu_khz.requires_grad:
             return self.taps(fs)
         params = (self.mu_khz, self.log_sigma_khz, self.phi, self.amp)
-        key = (fs, self.mu_khz.device, self.mu_khz.dtype) + tuple((p.data_ptr(), p._version) for p in params)
+        # inference tensors (a model loaded under torch.inference_mode) keep no version counter
+        key = (fs, self.mu_khz.device, self.mu_khz.dtype) + tuple(
+            (p.data_ptr(), -1 if p.is_inference() else p._version) for p in params)
         hit = self._taps.get(fs)
         if hit is None or hit[0] != key:
             self._taps[fs] = (key, self.taps(fs).detach())

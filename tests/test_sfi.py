@@ -156,3 +156,16 @@ def test_gradients_reach_analog_parameters_and_cache_follows_updates():
         layer.amp.mul_(2.0)  # an optimizer step changes parameters in place
         after, _ = layer(x, torch.tensor([4410]), 44100)
     assert torch.allclose(after, 2 * before, atol=1e-6)
+
+
+def test_a_layer_made_and_run_under_inference_mode_gives_the_same_frames():
+    x = torch.randn(1, 2400)
+    layer = SFIConv1d(8, 2)
+    with torch.no_grad():
+        want, _ = layer(x, torch.tensor([2400]), 24000)
+    with torch.inference_mode():  # e.g. load_model() called inside inference mode: parameters lose their version
+        copy = SFIConv1d(8, 2)
+        copy.load_state_dict(layer.state_dict())
+        got, _ = copy(x, torch.tensor([2400]), 24000)
+        again, _ = copy(x, torch.tensor([2400]), 24000)  # the cached taps
+    assert torch.equal(got, want) and torch.equal(again, want)
