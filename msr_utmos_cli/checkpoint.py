@@ -16,14 +16,16 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .model import ModelConfig, MOSModel
+from .spec_model import ARCHITECTURE as SPEC_ARCHITECTURE, SpecModelConfig, SpecMOSModel
 
 FORMAT = "msr-utmos"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: configs may name an architecture (sfi-stft-transformer, since 0.3.0)
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 SHA256_KEY = "weights_sha256"
 HUB_PREFIX = "hf:"
@@ -212,14 +214,26 @@ def load_state(folder: Path, sha256: str | None = None) -> dict[str, torch.Tenso
     return state
 
 
+def build_model(config: dict) -> nn.Module:
+    """A model with random weights from a saved config: the SFI spectrogram model when the config names
+    its architecture, else the SFI-wav2vec2 model (configs written before 1.2.0 name none)."""
+    config = dict(config)
+    arch = config.get("architecture", "sfi-wav2vec2")
+    if arch == SPEC_ARCHITECTURE:
+        return SpecMOSModel(SpecModelConfig.from_dict(config))
+    if arch != "sfi-wav2vec2":
+        raise ValueError(f"unknown architecture {arch!r} (known: sfi-wav2vec2, {SPEC_ARCHITECTURE})")
+    config.pop("architecture", None)
+    return MOSModel(ModelConfig.from_dict(config))
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> MOSModel:
     """Load a model in eval mode on `device` (default: CUDA when available)."""
     dev = parse_device(device)
     folder = resolve(name_or_path)
     doc = read_config(folder)
     try:
-        cfg = ModelConfig.from_dict(doc["config"])
-        model = MOSModel(cfg)
+        model = build_model(doc["config"])
     except (TypeError, ValueError, RuntimeError) as e:  # wrong types, negative sizes: one line, not torch's essay
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"{folder / CONFIG}: invalid model config ({cause})") from None

@@ -99,6 +99,9 @@ def export_onnx(model: MOSModel, rate: int, out: str | os.PathLike, check_second
     Returns {"path", "rate", "min_samples", "max_abs_diff"}; raises ExportError when the graph cannot be
     made or differs from PyTorch by more than TOLERANCE.
     """
+    if not isinstance(model, MOSModel):
+        raise ExportError(f"{getattr(model, 'source', 'this model')}: ONNX export covers the sfi-wav2vec2 models "
+                          "(--model msr-utmos-small-distillmos), not the sfi-stft-transformer architecture")
     try:
         import onnx
         import onnxruntime

@@ -138,6 +138,8 @@ def iter_inputs(inputs: Iterable[str], recursive: bool = True,
 # --- the rules every input meets, file or array ------------------------------
 def min_samples(model: MOSModel, sr: int) -> int:
     """Fewest samples that give one frame at the head (25 ms for wav2vec2 geometry)."""
+    if hasattr(model, "min_samples"):
+        return model.min_samples(sr)
     frames = 1
     for _, k, s in reversed(model.cfg.conv_layers):
         frames = (frames - 1) * s + k
@@ -197,7 +199,8 @@ def span_for(model: MOSModel, read, frames: int, sr: int) -> Span:
     c = model.cfg
     if c.input_rms_db is None and c.input_trim_db is None:
         return Span(0, frames, 1.0, -1.0)  # peak unknown until the windows are read
-    return input_span(read, frames, sr, c.input_rms_db, c.input_trim_db, need=min_samples(model, sr))
+    return input_span(read, frames, sr, c.input_rms_db, c.input_trim_db, getattr(c, "input_trim_margin_s", 0.1),
+                      need=min_samples(model, sr))
 
 
 def file_bandwidth(info: AudioInfo, channel: int | None = None) -> int | None:

@@ -32,11 +32,14 @@ def write_long_wav(path: str | os.PathLike, sr: int = 8000, seconds: float = 2 *
 
 
 def random_model(folder: str | os.PathLike, preset: str = "tiny", seed: int = 0) -> Path:
-    """A model folder holding a preset with random weights: file handling and speed do not depend on training."""
+    """A model folder holding a preset (or "tiny-spec", the spectrogram architecture) with random weights:
+    file handling and speed do not depend on training."""
     import torch
 
     from .checkpoint import save_model
     from .model import PRESETS, MOSModel
+    from .spec_model import SpecMOSModel, tiny_spec
 
     torch.manual_seed(seed)
-    return save_model(MOSModel(PRESETS[preset]()), folder, {"trained_on": "nothing (random weights)"})
+    model = SpecMOSModel(tiny_spec()) if preset == "tiny-spec" else MOSModel(PRESETS[preset]())
+    return save_model(model, folder, {"trained_on": "nothing (random weights)"})

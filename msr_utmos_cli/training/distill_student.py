@@ -123,7 +123,7 @@ def init_from_run(model: Distiller, source: str) -> str:
             model.load_state_dict(load_trainer_state(Path(source))["model"])
             return f"{source} (student and projections)"
         other = load_model(source, "cpu")
-        if other.cfg != model.student.cfg:
+        if not isinstance(other, MOSModel) or other.cfg != model.student.cfg:
             raise ConfigError(f"model.init_from: {source} is a different architecture from model.student")
         model.student.load_state_dict(other.state_dict())
         return f"{source} (student)"

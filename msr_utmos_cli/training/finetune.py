@@ -162,6 +162,9 @@ def build_model(init: str, m: FinetuneModel, num_domains: int, num_listeners: in
         old, cfg = None, PRESETS[init]()
     else:
         old = load_model(init, "cpu")
+        if not isinstance(old, MOSModel):
+            raise ModelLoadError(f"{init}: fine-tuning starts from an sfi-wav2vec2 model or preset (e.g. "
+                                 "msr-utmos-small-distillmos), not the sfi-stft-transformer architecture")
         cfg = old.cfg
     dd = m.domain_dim if m.domain_dim is not None else (cfg.domain_dim or (AUTO_EMBED_DIM if num_domains > 1 else 0))
     ld = m.listener_dim if m.listener_dim is not None else (

@@ -1,0 +1,266 @@
+"""SFI spectrogram model: DistillMOS's network behind a sampling-frequency-independent STFT.
+
+DistillMOS (Stahl & Gamper, 2025; MIT) reads a 16 kHz waveform through a 20 ms Hann STFT with a
+10 ms hop, a power-0.3 compressed complex spectrum of 161 bins 50 Hz apart, a 2-D CNN over
+(frequency, time) and a 7-layer transformer with attention pooling, on 7.68 s crops. Its only
+rate-bound part is the STFT. Here that STFT is defined in continuous time: every frame is the
+same 20 ms window at the same instants, and every bin the same frequency in Hz, evaluated on the
+sample grid of whatever rate the file has (bins above its Nyquist are empty, as after an
+upsampler). The network after it never sees the rate, so one set of weights scores 8-48 kHz
+without resampling, and at 16 kHz it is DistillMOS to float rounding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+ARCHITECTURE = "sfi-stft-transformer"
+
+
+@dataclass
+class SpecModelConfig:
+    """Everything needed to rebuild the model; saved as JSON beside its weights."""
+
+    architecture: str = ARCHITECTURE
+    frames_per_s: int = 100  # STFT hop 10 ms
+    window_hops: int = 2  # window = 2 hops = 20 ms
+    bin_hz: int = 50  # bin spacing: 1 / window
+    bins: int = 161  # 0 ... 8 kHz
+    compress: float = 0.3  # |X|^0.3 with the phase kept
+    floor_db: float | None = -70.0  # the empty top band (no bin above it reaches this, re a full-scale sine) is zeroed
+    cnn_layers: int = 6
+    cnn_channels: int = 256
+    dim: int = 200
+    heads: int = 8
+    layers: int = 7
+    crop_frames: int = 384  # transformer frames per crop (2 STFT frames each): 7.68 s
+    crop_hop_s: float = 1.0  # long inputs: crops at most this far apart, their scores averaged
+    # Input rule (audio.input_span): edge silence below input_trim_db re the peak is cut with no margin,
+    # so silence added at either end leaves the score exactly alone; each crop is then peak-normalised.
+    input_rms_db: float | None = None
+    input_trim_db: float | None = -40.0
+    input_trim_margin_s: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpecModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def crop_s(self) -> float:
+        return 2 * self.crop_frames / self.frames_per_s
+
+
+def tiny_spec() -> SpecModelConfig:
+    """For tests: the same geometry, a few thousand parameters."""
+    return SpecModelConfig(cnn_channels=16, dim=16, heads=2, layers=1)
+
+
+# --- the SFI STFT: pure DSP ------------------------------------------------------------------
+def frame_starts(fs: int, frames: int, frames_per_s: int, window_hops: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First sample of each frame and its offset from the frame's start time, in 1/(den*fs) s.
+
+    Frame m starts at m/frames_per_s - (window - hop)/2 seconds (the centred reflect padding of the
+    16 kHz STFT). Exact integer arithmetic, so long inputs do not drift. -> (M,), (M,) int64."""
+    den = 2 * frames_per_s
+    num = (2 * torch.arange(frames, dtype=torch.int64) - (window_hops - 1)) * fs  # start * fs * den
+    first = torch.div(num + den - 1, den, rounding_mode="floor")
+    return first, first * den - num
+
+
+@lru_cache(maxsize=16)
+def stft_taps(fs: int, offset: int, frames_per_s: int, window_hops: int, bin_hz: int, bins: int,
+              base_rate: int = 16000) -> torch.Tensor:
+    """Real and imaginary DFT taps of one frame whose first sample lies `offset`/(den*fs) s after its
+    start: (L, 2*bins) float32. w(t) e^{-i 2 pi f_k t} sampled at rate fs, scaled by base_rate / fs so
+    every rate gives the magnitudes of the base-rate STFT; bins above fs/2 are zero."""
+    den = 2 * frames_per_s
+    win = window_hops / frames_per_s
+    taps = math.ceil(win * fs) + 1
+    t = (offset / den + torch.arange(taps, dtype=torch.float64)) / fs  # (L,) s after the frame start
+    w = torch.where(t < win - 1e-12, 0.5 - 0.5 * torch.cos(2 * math.pi * t / win), torch.zeros_like(t))
+    f = bin_hz * torch.arange(bins, dtype=torch.float64)
+    arg = 2 * math.pi * t[:, None] * f[None, :]  # (L, K)
+    keep = (f <= fs / 2)[None, :]
+    scale = base_rate / fs
+    re, im = w[:, None] * torch.cos(arg) * keep * scale, -w[:, None] * torch.sin(arg) * keep * scale
+    return torch.cat([re, im], dim=1).float()
+
+
+def sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig) -> torch.Tensor:
+    """(B, T) at rate fs -> compressed complex spectrum (B, 2, bins, frames), as DistillMOS's input."""
+    first, offset = frame_starts(fs, frames, cfg.frames_per_s, cfg.window_hops)
+    taps = math.ceil(cfg.window_hops / cfg.frames_per_s * fs) + 1
+    left = max(0, -int(first[0]))
+    right = max(0, int(first[-1]) + taps - x.shape[-1])
+    x = nn.functional.pad(x[:, None], (left, right), mode="reflect")[:, 0]  # reflect, as torch.stft's centre
+    idx = (first + left)[:, None] + torch.arange(taps)[None, :]  # (M, L)
+    seg = x[:, idx.to(x.device)]  # (B, M, L)
+    out = seg.new_empty(x.shape[0], frames, 2 * cfg.bins)
+    for off in offset.unique().tolist():
+        rows = (offset == off).nonzero()[:, 0].to(x.device)
+        w = stft_taps(fs, off, cfg.frames_per_s, cfg.window_hops, cfg.bin_hz, cfg.bins).to(x.device, x.dtype)
+        out[:, rows] = seg[:, rows] @ w  # (B, M_p, L) @ (L, 2K)
+    re, im = out[..., :cfg.bins], out[..., cfg.bins:]
+    mag = torch.sqrt(re ** 2 + im ** 2).clamp(min=1e-12)
+    gain = mag ** cfg.compress / mag
+    if cfg.floor_db is not None:  # a full-scale sine has |X| = base_rate * window / 4
+        full = 16000 * cfg.window_hops / cfg.frames_per_s / 4
+        live = mag.amax(dim=1) >= full * 10 ** (cfg.floor_db / 20)  # (B, K): bins with content in the crop
+        top = torch.where(live, torch.arange(cfg.bins, device=x.device), -1).amax(dim=1, keepdim=True)  # (B, 1)
+        gain = gain * (torch.arange(cfg.bins, device=x.device) <= top)[:, None, :]  # empty top band -> 0
+    return torch.stack([re * gain, im * gain], dim=1).transpose(2, 3)  # (B, M, K) x2 -> (B, 2, K, M)
+
+
+# --- the network (DistillMOS's layout, parameter names kept) ------------------------------------
+class SpecCNN(nn.Module):
+    """(B, 2, K, M) -> (B, M/2, C * K') : 3x3 convs striding over frequency, the last also over time."""
+
+    def __init__(self, cfg: SpecModelConfig):
+        super().__init__()
+        layers, fdim, prev = [], cfg.bins, 2
+        for i in range(cfg.cnn_layers):
+            ch = min(64 * 2 ** max(i - 1, 0), cfg.cnn_channels)
+            layers += [nn.Conv2d(prev, ch, (3, 3), stride=(2 if i else 1, 2 if i == cfg.cnn_layers - 1 else 1),
+                                 padding=(0, 1)), nn.LeakyReLU(0.1)]
+            fdim, prev = (fdim - 3) // (2 if i else 1) + 1, ch
+        self.cnn = nn.Sequential(*layers)
+        self.out_dim = prev * fdim
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.cnn(spec), 1, -2).transpose(1, 2)  # (B, C, K', M/2) -> (B, M/2, C*K')
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: SpecModelConfig, in_dim: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(in_dim)
+        self.linear_proj = nn.Linear(in_dim, cfg.dim)
+        n = cfg.crop_frames
+        pos = torch.arange(n)[:, None]
+        div = torch.exp(torch.arange(0, cfg.dim, 2) * (-math.log(2 * n) / cfg.dim))
+        pe = torch.zeros(1, n, cfg.dim)
+        pe[0, :, 0::2], pe[0, :, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+        self.register_buffer("pe", pe, persistent=False)
+        layer = nn.TransformerEncoderLayer(cfg.dim, cfg.heads, 2 * cfg.dim, dropout=0.0, batch_first=True)
+        self.transformer_encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_proj(self.norm(x.transpose(1, 2)).transpose(1, 2))
+        return self.transformer_encoder(x + self.pe)  # (B, N, D)
+
+
+class PoolHead(nn.Module):
+    """NISQA's attention pooling and a linear readout: (B, N, D) -> (B,) in [0, 1]."""
+
+    def __init__(self, cfg: SpecModelConfig, in_dim: int):
+        super().__init__()
+        self.norm_input = nn.BatchNorm1d(in_dim)
+        self.transformer = Transformer(cfg, in_dim)
+        self.norm_trans = nn.BatchNorm1d(cfg.dim)
+        self.pool = nn.Module()
+        self.pool.linear1 = nn.Linear(cfg.dim, 2 * cfg.dim)
+        self.pool.linear2 = nn.Linear(2 * cfg.dim, 1)
+        self.pool.linear3 = nn.Linear(cfg.dim, 1)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        x = self.norm_input(feats.transpose(1, 2)).transpose(1, 2)
+        x = self.norm_trans(self.transformer(x).transpose(1, 2)).transpose(1, 2)
+        p = self.pool
+        att = torch.softmax(p.linear2(torch.relu(p.linear1(x))).transpose(1, 2), dim=2)  # (B, 1, N)
+        return torch.sigmoid(p.linear3(torch.bmm(att, x)[:, 0])[:, 0])
+
+
+class SpecMOSModel(nn.Module):
+    """MOS from a waveform at any integer rate: SFI STFT -> CNN -> transformer -> attention pool."""
+
+    def __init__(self, cfg: SpecModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.cnn = SpecCNN(cfg)
+        self.transformer_pool_attn = PoolHead(cfg, self.cnn.out_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer_pool_attn.norm_input.weight.device
+
+    def min_samples(self, sr: int) -> int:
+        """One STFT window (20 ms): shorter input holds no frame of speech."""
+        return math.ceil(self.cfg.window_hops / self.cfg.frames_per_s * sr)
+
+    def crops(self, x: torch.Tensor, sr: int) -> torch.Tensor:
+        """(T,) -> (N, S) crops of 7.68 s: zero-padded when shorter, else at most crop_hop_s apart, each
+        peak-normalised (DistillMOS's segmenting, in seconds rather than 16 kHz samples)."""
+        size = round(self.cfg.crop_s * sr)
+        over = x.shape[0] - size
+        if over <= 0:
+            out = nn.functional.pad(x, (0, -over))[None]
+        else:
+            n = math.ceil(over / (self.cfg.crop_hop_s * sr)) + 1
+            out = torch.stack([x[int(c * over):int(c * over) + size] for c in torch.linspace(0, 1, n).tolist()])
+        return out / (out.abs().amax(dim=1, keepdim=True) + 1e-8)
+
+    def crop_scores(self, crops: torch.Tensor, sr: int, content: int | None = None) -> torch.Tensor:
+        """(N, S) normalised crops -> MOS (N,) on 1-5. `content`: samples of real audio in a single
+        zero-padded crop, so the CNN runs only where they reach (see features)."""
+        return 1 + 4 * self.transformer_pool_attn(self.features(crops, sr, content))
+
+    def features(self, crops: torch.Tensor, sr: int, content: int | None = None) -> torch.Tensor:
+        """(N, S) crops -> CNN features (N, crop_frames, D).
+
+        A short file's crop is mostly zero padding, and the CNN sees 6 STFT frames either side of an
+        output, so every output past the audio's reach is that of an all-zero crop: those come from a
+        cached all-zero pass and the CNN runs on the audio's frames alone (a 3 s file costs 3 s, not
+        7.68 s). The result equals the full pass to float rounding."""
+        frames = 2 * self.cfg.crop_frames
+        reach = self.cfg.cnn_layers  # STFT frames each side that one CNN output reads
+        if content is not None and crops.shape[0] == 1:
+            zero_from = math.ceil((content / sr + (self.cfg.window_hops - 1) / (2 * self.cfg.frames_per_s))
+                                  * self.cfg.frames_per_s) + 1  # first STFT frame of padding alone
+            j0 = (zero_from + reach + 1) // 2  # first output column that reads padding alone
+            run = 2 * j0 + reach + 2
+            if run < frames:
+                head = self.cnn(sfi_stft(crops, sr, run, self.cfg))[:, :j0]
+                return torch.cat([head, self.zero_features(crops)[:, j0:]], dim=1)
+        return self.cnn(sfi_stft(crops, sr, frames, self.cfg))
+
+    def zero_features(self, like: torch.Tensor) -> torch.Tensor:
+        """CNN features of an all-zero crop (1, crop_frames, D); cached per device and dtype."""
+        key = (like.device, like.dtype)
+        cache = self.__dict__.setdefault("_zero_cache", {})
+        if key not in cache:
+            with torch.inference_mode(False), torch.no_grad():
+                zeros = torch.zeros(1, 2, self.cfg.bins, 2 * self.cfg.crop_frames, device=like.device, dtype=like.dtype)
+                cache[key] = self.cnn(zeros)
+        return cache[key]
+
+    def frame_scores(self, wave: torch.Tensor, lengths: torch.Tensor | None, sr: int,
+                     fixed_shapes: bool = False, **_) -> tuple[torch.Tensor, torch.Tensor]:
+        """wave (B, T) -> each row's score times its weight (B, 1), and its weight (B,): hops of audio.
+
+        Every row runs alone, on its own crops, so its score never depends on the rest of the batch."""
+        lengths = torch.full((wave.shape[0],), wave.shape[-1]) if lengths is None else lengths.cpu()
+        weight = torch.clamp(lengths * self.cfg.frames_per_s // sr, min=1)
+        out = [self.crop_scores(self.crops(wave[b, :int(n)], sr), sr, int(n)).mean() if n > 0 else wave.new_zeros(())
+               for b, n in enumerate(lengths.tolist())]
+        w = weight.to(wave.device)
+        return (torch.stack(out) * w)[:, None], w
+
+    def score(self, wave, sr: int, **kw) -> torch.Tensor:
+        """MOS on the 1-5 scale -> (B,), under the same input rules as `utmos score` (see MOSModel.score)."""
+        from .model import MOSModel
+        return MOSModel.score(self, wave, sr, **kw)
+
+    def score_files(self, paths, **kw) -> list:
+        from .model import MOSModel
+        return MOSModel.score_files(self, paths, **kw)

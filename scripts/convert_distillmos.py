@@ -1,0 +1,44 @@
+"""Build the SFI spectrogram model from DistillMOS's released weights (no training).
+
+    pip install distillmos && python scripts/convert_distillmos.py models/msr-utmos-sfi-distillmos
+
+DistillMOS's network is kept as released (MIT); only its 16 kHz STFT is replaced by the SFI STFT
+of msr_utmos_cli/spec_model.py, so no weight changes. The folder's weights are checked to give
+DistillMOS's own score at 16 kHz before it is written.
+"""
+from __future__ import annotations
+
+import argparse
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from msr_utmos_cli.checkpoint import save_model
+from msr_utmos_cli.spec_model import SpecModelConfig, SpecMOSModel
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--model-version", default="2.0.0")
+    args = ap.parse_args()
+    import distillmos  # the teacher package: only this script needs it
+
+    teacher = distillmos.ConvTransformerSQAModel().eval()
+    state = {k: v for k, v in teacher.state_dict().items() if "position_encoding" not in k}  # rebuilt from cfg
+    model = SpecMOSModel(SpecModelConfig()).eval()
+    model.load_state_dict(state, strict=True)
+    x = torch.randn(1, 3 * 16000, generator=torch.Generator().manual_seed(0)) * 0.1
+    with torch.no_grad():
+        diff = abs(float(teacher(x)[0, 0]) - float(model.crop_scores(model.crops(x[0], 16000), 16000).mean()))
+    if diff > 1e-4:
+        raise SystemExit(f"converted model differs from DistillMOS by {diff:.2g} at 16 kHz")
+    save_model(model, args.out, {"model_version": args.model_version, "task": "convert",
+                                 "source": f"distillmos {version('distillmos')} (distill_mos_v7.pt, MIT)",
+                                 "check_16k_abs_diff": diff})
+    print(f"wrote {args.out} (|diff| to DistillMOS at 16 kHz: {diff:.2g})")
+
+
+if __name__ == "__main__":
+    main()
