@@ -98,7 +98,13 @@ def stft_taps(fs: int, offset: int, frames_per_s: int, window_hops: int, bin_hz:
 
 
 def sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig) -> torch.Tensor:
-    """(B, T) at rate fs -> compressed complex spectrum (B, 2, bins, frames), as DistillMOS's input."""
+    """(B, T) at rate fs -> compressed complex spectrum (B, 2, bins, frames), as DistillMOS's input.
+    Always fp32, also under autocast: |X|^0.3 lifts bins 70 dB down to a tenth of the loudest."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _sfi_stft(x.float(), fs, frames, cfg)
+
+
+def _sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig) -> torch.Tensor:
     first, offset = frame_starts(fs, frames, cfg.frames_per_s, cfg.window_hops)
     taps = math.ceil(cfg.window_hops / cfg.frames_per_s * fs) + 1
     left = max(0, -int(first[0]))
@@ -248,10 +254,12 @@ class SpecMOSModel(nn.Module):
                      fixed_shapes: bool = False, **_) -> tuple[torch.Tensor, torch.Tensor]:
         """wave (B, T) -> each row's score times its weight (B, 1), and its weight (B,): hops of audio.
 
-        Every row runs alone, on its own crops, so its score never depends on the rest of the batch."""
+        Every row runs alone, on its own crops, so its score never depends on the rest of the batch. An
+        all-zero row is not run (scoring refuses silent input; batches are filled with such rows)."""
         lengths = torch.full((wave.shape[0],), wave.shape[-1]) if lengths is None else lengths.cpu()
         weight = torch.clamp(lengths * self.cfg.frames_per_s // sr, min=1)
-        out = [self.crop_scores(self.crops(wave[b, :int(n)], sr), sr, int(n)).mean() if n > 0 else wave.new_zeros(())
+        out = [self.crop_scores(self.crops(wave[b, :int(n)], sr), sr, int(n)).mean()
+               if n > 0 and bool(wave[b, :int(n)].any()) else wave.new_zeros(())  # silent rows: batch fillers
                for b, n in enumerate(lengths.tolist())]
         w = weight.to(wave.device)
         return (torch.stack(out) * w)[:, None], w

@@ -9,7 +9,7 @@ DistillMOS's own score at 16 kHz before it is written.
 from __future__ import annotations
 
 import argparse
-from importlib.metadata import version
+from importlib.metadata import distribution, version
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ def main() -> None:
     save_model(model, args.out, {"model_version": args.model_version, "task": "convert",
                                  "source": f"distillmos {version('distillmos')} (distill_mos_v7.pt, MIT)",
                                  "check_16k_abs_diff": diff})
+    (args.out / "LICENSE-DistillMOS").write_text(distribution("distillmos").read_text("LICENSE"))  # MIT: keep the notice
     print(f"wrote {args.out} (|diff| to DistillMOS at 16 kHz: {diff:.2g})")
 
 
