@@ -1,8 +1,8 @@
 """Speed and memory of utmos vs DistillMOS and DNSMOS, in one run on the same corpus clips.
 
-    python benchmarks/bench_peers.py --model models/<name> [--corpus corpus/] [--files 36] [--repeats 3]
+    python benchmarks/bench_peers.py --model models/<name> [--corpus corpus/] [--split test] [--files 36] [--repeats 3]
 
-Files: --files clips of the corpus test split, spread over it (mixed rates, 8-48 kHz).
+Files: --files clips of the corpus's --split, spread over it (mixed rates, 8-48 kHz).
   - utmos:      `utmos score`'s pipeline (write_scores) on the files as they are: read, native-rate
                 batches, CSV. Model loading is not timed.
   - DistillMOS: ConvTransformerSQAModel() called per file, as its README does, on 16 kHz arrays in memory
@@ -34,9 +34,9 @@ import soundfile as sf
 TOOLS = ("utmos", "distillmos", "distillmos+resample", "dnsmos")
 
 
-def pick_files(corpus: Path, n: int) -> list[Path]:
+def pick_files(corpus: Path, n: int, split: str = "test") -> list[Path]:
     with open(corpus / "manifest.csv", newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+        rows = [r for r in csv.DictReader(f) if r["split"] == split and float(r.get("duration_s") or 1) > 0]
     step = max(1, len(rows) // n)
     return [corpus / r["path"] for r in rows[::step][:n]]
 
@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="model folder or bundled model name")
     ap.add_argument("--corpus", type=Path, default=Path("corpus"))
     ap.add_argument("--files", type=int, default=36)
+    ap.add_argument("--split", default="test", help="manifest split to take the clips from (corpus_ml: heldout)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
@@ -141,7 +142,7 @@ def main() -> None:
     for module, extra in (("distillmos", "distillmos"), ("speechmos", "dnsmos")):
         if importlib.util.find_spec(module) is None:
             sys.exit(f"bench_peers: peer '{module}' is not installed: pip install -e '.[{extra}]'")
-    files = pick_files(args.corpus, args.files)
+    files = pick_files(args.corpus, args.files, args.split)
     tmp = Path(tempfile.mkdtemp(prefix="bench_peers_"))
     listing = tmp / "files.txt"
     listing.write_text("\n".join(str(p.resolve()) for p in files))
@@ -176,7 +177,7 @@ def main() -> None:
               "dnsmos": f"DNSMOS P.835+P.808 (speechmos {version('speechmos')}), 16 kHz arrays"}
     print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads), onnxruntime {version('onnxruntime')}; load average {load0:.1f} -> {load1:.1f} (1 min)")
-    print(f"files: {len(files)} test-split clips, {audio_s:.0f} s of audio, rates "
+    print(f"files: {len(files)} {args.split}-split clips, {audio_s:.0f} s of audio, rates "
           f"{', '.join(f'{r}x{rates.count(r)}' for r in sorted(set(rates)))}; "
           f"median of {args.repeats} after a warm-up\n")
     print("| scorer | wall s | audio s / wall s | audio s / CPU s | peak RSS (MiB, fresh process) |")

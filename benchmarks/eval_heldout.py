@@ -11,7 +11,8 @@ never trained on), stored at one of 16 / 24 / 44.1 / 48 kHz. For the model and i
    right way round (more severe -> lower; a tie counts half), overall and per type.
 2. Agreement with DistillMOS (at 16 kHz, its own rate): SRCC and mean absolute difference with each
    clip at its own rate and presented at each of --rates (band-limited resampling from the file; ''
-   for none, a quick run of the whole split), and per language.
+   for none, a quick run of the whole split), and per language. With the distillmos peer, DistillMOS
+   itself hearing the clip at each rate below 16 kHz: what that rate costs the teacher's own ranking.
 3. Rate spread: the same clean content below 3.5 kHz stored at 8-48 kHz (rate_ladder.csv): max - min.
 4. Level: each clean utterance scaled to a peak of 0, -10, -20 and -30 dBFS: max - min.
 5. Silence: each clean utterance with 1 s of digital zero, or of a -80 dBFS noise floor, at both ends:
@@ -212,6 +213,9 @@ def main() -> None:
         at = [native[i] if sr == rate else model_score(model, resample(w, sr, rate), rate)
               for i, (w, sr) in enumerate(audio)]
         agree[str(rate)] = {"model": agreement(at, teacher)}  # DNSMOS hears every file at 16 kHz: its row is "native"
+        if "distillmos" in peers and rate < 16000:  # what the rate costs DistillMOS's own ranking
+            heard = teacher_scores(paths, cache / "teacher_distillmos_cache.json", "cpu", 16, hear_at=rate)
+            agree[str(rate)]["distillmos"] = agreement(heard, teacher)
     clean = [audio[i] for i, r in enumerate(rows) if r["degradation"] == "clean"][: args.robust_clips]
     funcs = {"model": lambda w, sr: model_score(model, w, sr)}
     if "distillmos" in peers:

@@ -101,3 +101,20 @@ def test_protocol_end_to_end_on_a_synthetic_held_out_split(corpus, tmp_path, mon
     eh.main()
     quick = json.loads(out.read_text())
     assert set(quick["agreement"]) == {"native"} and quick["agreement"]["native"] == res["agreement"]["native"]
+
+
+def test_with_the_distillmos_peer_the_8k_row_has_distillmos_hearing_8k(corpus, tmp_path, monkeypatch):
+    """DistillMOS's own ranking of the clips heard at 8 kHz, against itself at the file's rate: the
+    ceiling for any model that follows it. Cached heard-at-8k scores (reversed) give SRCC -1."""
+    root, teacher, tag = corpus
+    out = tmp_path / "heldout.json"
+    keys = {f"{p.resolve()}|{p.stat().st_mtime_ns}": s for p, s in teacher.items()}
+    keys.update({f"{k}|8000": 5.0 - s for k, s in keys.items()})
+    (tmp_path / "teacher_distillmos_cache.json").write_text(json.dumps({"teacher": tag, "scores": keys}))
+    monkeypatch.setattr(sys, "argv", ["eval_heldout.py", "--model", str(random_model(tmp_path / "m")), "--corpus",
+                                      str(root), "--out", str(out), "--peers", "distillmos", "--robust-clips", "1",
+                                      "--rates", "8000,16000"])
+    eh.main()
+    agree = json.loads(out.read_text())["agreement"]
+    assert agree["8000"]["distillmos"]["srcc"] == pytest.approx(-1.0)
+    assert "distillmos" not in agree["16000"]  # at 16 kHz and above it hears what it hears at the file's rate
