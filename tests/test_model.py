@@ -148,14 +148,17 @@ def test_weights_are_checked_against_the_sha256_in_config(tmp_path):
     assert not torch.equal(load_model(folder, "cpu").score(x, 16000), good)
 
 
-def test_bundled_model_records_its_weights_sha256():
-    from msr_utmos_cli.checkpoint import models_dir, weights_sha256
+@pytest.mark.parametrize("name", ["msr-utmos-small-distillmos", "msr-utmos-spec-distillmos"])
+def test_bundled_model_records_its_weights_sha256(name):
+    from msr_utmos_cli.checkpoint import available_models, models_dir, weights_sha256
 
-    folder = models_dir() / "msr-utmos-small-distillmos"
+    assert name in available_models()
+    folder = models_dir() / name
     doc = json.loads((folder / CONFIG).read_text())
     assert doc["weights_sha256"] == weights_sha256(folder / WEIGHTS)
     card = (folder / "MODEL_CARD.md").read_text()
     assert f"version {doc['metadata']['model_version']}" in card  # the card and the config name one version
+    assert doc["weights_sha256"] in card
 
 
 def test_sfi_mute_flag_is_saved_and_old_configs_load_muted(tmp_path):
