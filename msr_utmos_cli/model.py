@@ -13,8 +13,23 @@ from .scoring import as_waveforms, min_samples, score_files, score_waveforms
 from .sfi import SFIConv1d
 
 
+class SavedConfig:
+    """JSON round trip of a config dataclass; an unknown key is an error, not silently dropped."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(SavedConfig):
     """Everything needed to rebuild a model; saved as JSON beside its weights."""
 
     # SFI first layer: stands in for a conv of `sfi_kernel` taps and hop `sfi_stride` at `sfi_base_rate`.
@@ -55,17 +70,6 @@ class ModelConfig:
     # to input_rms_db dBFS RMS before scoring, as the training clips were; None leaves the input as it is.
     input_rms_db: float | None = None
     input_trim_db: float | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def tiny() -> ModelConfig:

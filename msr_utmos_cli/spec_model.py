@@ -12,17 +12,19 @@ without resampling, and at 16 kHz it is DistillMOS to float rounding.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from torch import nn
 
+from .model import MOSModel, SavedConfig
+
 ARCHITECTURE = "sfi-stft-transformer"
 
 
 @dataclass
-class SpecModelConfig:
+class SpecModelConfig(SavedConfig):
     """Everything needed to rebuild the model; saved as JSON beside its weights."""
 
     architecture: str = ARCHITECTURE
@@ -44,17 +46,6 @@ class SpecModelConfig:
     input_rms_db: float | None = None
     input_trim_db: float | None = -40.0
     input_trim_margin_s: float = 0.0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SpecModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def crop_s(self) -> float:
@@ -266,9 +257,7 @@ class SpecMOSModel(nn.Module):
 
     def score(self, wave, sr: int, **kw) -> torch.Tensor:
         """MOS on the 1-5 scale -> (B,), under the same input rules as `utmos score` (see MOSModel.score)."""
-        from .model import MOSModel
         return MOSModel.score(self, wave, sr, **kw)
 
     def score_files(self, paths, **kw) -> list:
-        from .model import MOSModel
         return MOSModel.score_files(self, paths, **kw)
