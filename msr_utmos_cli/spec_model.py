@@ -36,6 +36,7 @@ class SpecModelConfig(SavedConfig):
     floor_db: float | None = -70.0  # the empty top band (no bin above it reaches this, re a full-scale sine) is zeroed
     cnn_layers: int = 6
     cnn_channels: int = 256
+    cnn_widths: list[int] | None = None  # channels per CNN layer; None: DistillMOS's 64, 64, 128, 256, ...
     dim: int = 200
     heads: int = 8
     layers: int = 7
@@ -120,14 +121,22 @@ def _sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig) -> to
 
 
 # --- the network (DistillMOS's layout, parameter names kept) ------------------------------------
+def cnn_widths(cfg: SpecModelConfig) -> list[int]:
+    """Output channels of each CNN layer: the config's list, else DistillMOS's doubling rule."""
+    if cfg.cnn_widths is not None:
+        if len(cfg.cnn_widths) != cfg.cnn_layers or min(cfg.cnn_widths) < 1:
+            raise ValueError(f"cnn_widths must be {cfg.cnn_layers} positive channel counts, got {cfg.cnn_widths}")
+        return list(cfg.cnn_widths)
+    return [min(64 * 2 ** max(i - 1, 0), cfg.cnn_channels) for i in range(cfg.cnn_layers)]
+
+
 class SpecCNN(nn.Module):
     """(B, 2, K, M) -> (B, M/2, C * K') : 3x3 convs striding over frequency, the last also over time."""
 
     def __init__(self, cfg: SpecModelConfig):
         super().__init__()
         layers, fdim, prev = [], cfg.bins, 2
-        for i in range(cfg.cnn_layers):
-            ch = min(64 * 2 ** max(i - 1, 0), cfg.cnn_channels)
+        for i, ch in enumerate(cnn_widths(cfg)):
             layers += [nn.Conv2d(prev, ch, (3, 3), stride=(2 if i else 1, 2 if i == cfg.cnn_layers - 1 else 1),
                                  padding=(0, 1)), nn.LeakyReLU(0.1)]
             fdim, prev = (fdim - 3) // (2 if i else 1) + 1, ch

@@ -42,3 +42,62 @@ def test_label_corpus_path_lists_feed_utmos_score(tiny_model_dir, tmp_path):
     with open(out, newline="") as f:
         scored = list(csv.DictReader(f))
     assert [r["path"] for r in scored] == listed and all(r["error"] == "" and float(r["mos"]) > 0 for r in scored)
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pruning_keeps_the_strongest_filters_and_at_full_width_is_the_teacher(tmp_path):
+    import torch
+
+    from msr_utmos_cli import load_model
+    from msr_utmos_cli.testing import random_model
+
+    shrink = _load_script("shrink_spec")
+    teacher = load_model(random_model(tmp_path / "t", preset="tiny-spec"), device="cpu")
+    wave = torch.from_numpy(speechlike(24000, 1.5, seed=3))
+    same = shrink.prune(teacher, [16] * 5 + [16])
+    assert float(same.score(wave, 24000)[0]) == float(teacher.score(wave, 24000)[0])
+    half = shrink.prune(teacher, [8, 8, 8, 8, 8, 16])
+    first_t, first_s = teacher.cnn.cnn[0].weight, half.cnn.cnn[0].weight
+    strongest = first_t.abs().sum((1, 2, 3)).topk(8).indices.sort().values
+    torch.testing.assert_close(first_s, first_t[strongest], rtol=0, atol=0)
+    assert not any(p.requires_grad for p in half.transformer_pool_attn.parameters())  # the head is the teacher's
+
+
+def test_shrink_spec_trains_resumes_and_writes_a_model_utmos_scores(tmp_path):
+    import json
+
+    from msr_utmos_cli import load_model
+    from msr_utmos_cli.testing import random_model
+
+    shrink = _load_script("shrink_spec")
+    teacher = random_model(tmp_path / "t", preset="tiny-spec")
+    corpus = tmp_path / "corpus"
+    (corpus / "audio").mkdir(parents=True)
+    with open(corpus / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "sample_rate", "split"])
+        for i, (sr, split) in enumerate([(8000, "train"), (8000, "train"), (24000, "train"), (16000, "valid"),
+                                         (48000, "valid")]):
+            sf.write(corpus / "audio" / f"{i}.flac", speechlike(sr, 1.0 + i / 2, seed=i), sr)
+            w.writerow([f"audio/{i}.flac", 8000 if i == 2 else sr, split])  # row 2: the manifest's rate is wrong
+    args = ["--teacher", str(teacher), "--corpus", str(corpus), "--out", str(tmp_path / "run"), "--widths",
+            "8,8,8,8,8,16", "--batch-size", "2", "--ckpt-every", "1", "--valid-clips", "2"]
+    shrink.main(args + ["--steps", "2"])
+    shrink.main(args + ["--steps", "3", "--resume"])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "valid" in r] == [1, 2, 3]  # the resumed run went on at step 3
+    model = load_model(tmp_path / "run" / "last", device="cpu")
+    assert model.cfg.cnn_widths == [8, 8, 8, 8, 8, 16]
+    out = tmp_path / "scores.csv"
+    res = CliRunner().invoke(app, ["score", "--model", str(tmp_path / "run" / "last"), "-o", str(out), "--quiet",
+                                   str(corpus / "audio")])
+    assert res.exit_code == 0, res.output
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and all(r["error"] == "" and 1 <= float(r["mos"]) <= 5 for r in rows)

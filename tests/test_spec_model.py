@@ -155,3 +155,17 @@ def test_the_cnn_on_the_audio_alone_equals_the_full_crop(spec_dir, sr):
             full, fast = m.features(crops, sr), m.features(crops, sr, x.shape[0])
         torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
         assert not torch.equal(full[:, 0], full[:, -100])  # audio and padding really differ
+
+
+def test_cnn_widths_round_trip_and_a_wrong_list_is_one_line(tmp_path):
+    from msr_utmos_cli.checkpoint import save_model
+
+    model = SpecMOSModel(SpecModelConfig(cnn_channels=16, dim=16, heads=2, layers=1, cnn_widths=[4, 4, 8, 8, 8, 16]))
+    folder = save_model(model, tmp_path / "narrow")
+    again = load_model(folder, device="cpu")
+    assert [m.out_channels for m in again.cnn.cnn if isinstance(m, torch.nn.Conv2d)] == [4, 4, 8, 8, 8, 16]
+    doc = json.loads((folder / CONFIG).read_text())
+    doc["config"]["cnn_widths"] = [4, 4, 8]
+    (folder / CONFIG).write_text(json.dumps(doc))
+    with pytest.raises(ModelLoadError, match="cnn_widths must be 6 positive channel counts"):
+        load_model(folder, device="cpu")

@@ -1,0 +1,158 @@
+"""Shrink the SFI spectrogram model: a narrower CNN, taught by the full model's CNN.
+
+    python scripts/shrink_spec.py --teacher models/msr-utmos-spec-distillmos --corpus corpus_ml \\
+        --out runs/spec-fast --steps 1200 [--resume]
+
+The CNN costs ~80 % of the full model's time. Its filters are pruned (each layer keeps the half with
+the largest L1 norm: 64/64/128/256/256 -> 32/32/64/128/128 channels, the last layer whole), then the
+narrow CNN is trained to give the full CNN's features (after the head's input norm) on 2 s segments
+of the corpus' training split at their own rates, padding included. The transformer head is the
+teacher's, frozen, so the student inherits its reading of the features. The CNN sees only 6 STFT
+frames either side of an output, so 2 s segments teach it all a 7.68 s crop would. Runs in the shared
+training loop: checkpoints in --out, `--resume` continues an interrupted run exactly; the model
+folder is written to OUT/model at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+import torch
+
+from msr_utmos_cli.checkpoint import load_model, save_model
+from msr_utmos_cli.spec_model import SpecMOSModel, sfi_stft
+from msr_utmos_cli.training.train import TrainConfig, fit
+
+SEG_S, PAD_S, EDGE = 2.0, 2.0, 4  # segment length, zero padding after each clip, CNN columns not scored at each end
+
+
+def prune(teacher: SpecMOSModel, widths: list[int]) -> SpecMOSModel:
+    """The teacher with each CNN layer cut to its `widths` strongest filters (L1 norm); head copied, frozen."""
+    cfg = copy.deepcopy(teacher.cfg)
+    cfg.cnn_widths = list(widths)
+    student = SpecMOSModel(cfg)
+    student.transformer_pool_attn.load_state_dict(teacher.transformer_pool_attn.state_dict())
+    student.transformer_pool_attn.requires_grad_(False)  # and eval: its BatchNorms keep the teacher's statistics
+    convs_t = [m for m in teacher.cnn.cnn if isinstance(m, torch.nn.Conv2d)]
+    convs_s = [m for m in student.cnn.cnn if isinstance(m, torch.nn.Conv2d)]
+    keep_in = torch.arange(2)
+    for ct, cs, w in zip(convs_t, convs_s, widths):
+        keep = ct.weight.abs().sum((1, 2, 3)).topk(w).indices.sort().values if w < ct.out_channels \
+            else torch.arange(ct.out_channels)
+        with torch.no_grad():
+            cs.weight.copy_(ct.weight[keep][:, keep_in])
+            cs.bias.copy_(ct.bias[keep])
+        keep_in = keep
+    return student.eval()
+
+
+class ShrinkTask:
+    """fit's task: the student's CNN is the model; the loss is the normed-feature MSE to the teacher's CNN."""
+
+    def __init__(self, teacher: SpecMOSModel, student: SpecMOSModel, corpus: Path, batch_size: int,
+                 valid_clips: int):
+        self.teacher, self.student, self.model = teacher.eval(), student, student.cnn
+        self.norm = teacher.transformer_pool_attn.norm_input  # fixed affine in eval mode
+        man = pd.read_csv(corpus / "manifest.csv")
+        self.train = man[man.split == "train"].reset_index(drop=True)
+        self.train["sample_rate"] = [sf.info(corpus / p).samplerate for p in self.train.path]  # the file's own
+        self.by_rate = {sr: g.index.to_numpy() for sr, g in self.train.groupby("sample_rate")}
+        self.rates = sorted(self.by_rate)
+        self.rate_p = np.array([len(self.by_rate[r]) for r in self.rates], float) / len(self.train)
+        valid = man[man.split == "valid"].sample(n=min(valid_clips, int((man.split == "valid").sum())), random_state=0)
+        self.valid = [(corpus / p, sr) for p, sr in zip(valid.path, valid.sample_rate)]
+        self.corpus, self.batch_size, self._teacher_valid = corpus, batch_size, None
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.model.parameters())}]
+
+    def set_device(self, device: torch.device) -> None:
+        self.teacher.to(device)
+        self.student.to(device)
+
+    def segment(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        row = self.train.iloc[i]
+        x, sr = sf.read(self.corpus / row.path, dtype="float32", always_2d=True)
+        x = x[:, 0] / (np.abs(x[:, 0]).max() + 1e-8)  # peak-normalised, as a crop
+        x = np.concatenate([x, np.zeros(int(PAD_S * sr), np.float32)])  # crops end in zero padding
+        n = int(SEG_S * sr)
+        if len(x) < n:
+            x = np.pad(x, (0, n - len(x)))
+        start = int(rng.integers(0, len(x) - n + 1))
+        return x[start:start + n], sr
+
+    def batches(self, rank: int, world: int, seed: int, start: int):
+        step = start
+        while True:
+            rng = np.random.default_rng([seed, rank, step])
+            sr = self.rates[rng.choice(len(self.rates), p=self.rate_p)]
+            idx = rng.choice(self.by_rate[sr], size=self.batch_size)
+            segs = [self.segment(int(i), rng)[0] for i in idx]
+            yield torch.from_numpy(np.stack(segs)), torch.tensor(sr)
+            step += 1
+
+    def loss(self, batch, step: int):
+        x, sr = batch
+        frames = int(SEG_S * 100)
+        spec = sfi_stft(x, int(sr), frames, self.student.cfg)  # (B, 2, K, M)
+        with torch.no_grad():
+            target = self.norm(self.teacher.cnn(spec).transpose(1, 2))  # (B, D, M/2)
+        out = self.norm(self.model(spec).transpose(1, 2))
+        loss = torch.nn.functional.mse_loss(out[..., EDGE:-EDGE], target[..., EDGE:-EDGE])
+        return loss, {}
+
+    def audio_seconds(self, batch) -> float:
+        return SEG_S * batch[0].shape[0]
+
+    def _scores(self, model: SpecMOSModel) -> np.ndarray:
+        model.__dict__.pop("_zero_cache", None)  # the all-zero crop's features change as the CNN trains
+        with torch.no_grad():
+            return np.array([float(model.score(torch.from_numpy(sf.read(p, dtype="float32", always_2d=True)[0][:, 0]),
+                                               int(sr))[0]) for p, sr in self.valid])
+
+    def validate(self) -> dict:
+        was = self.model.training
+        self.student.eval()
+        if self._teacher_valid is None:
+            self._teacher_valid = self._scores(self.teacher)
+        s, t = self._scores(self.student), self._teacher_valid
+        self.model.train(was)
+        srcc = float(pd.Series(s).corr(pd.Series(t), method="spearman"))
+        return {"srcc": srcc, "mad": float(np.abs(s - t).mean())}
+
+    def export(self, folder: Path, metadata: dict) -> None:
+        self.student.__dict__.pop("_zero_cache", None)
+        save_model(self.student, folder, metadata)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="models/msr-utmos-spec-distillmos")
+    ap.add_argument("--corpus", type=Path, default=Path("corpus_ml"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--widths", default="32,32,64,128,128,256")
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--batch-size", type=int, default=12)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--valid-clips", type=int, default=48)
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--model-version", default="2.1.0")
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    teacher = load_model(args.teacher, device="cpu")
+    student = prune(teacher, [int(w) for w in args.widths.split(",")])
+    task = ShrinkTask(teacher, student, args.corpus, args.batch_size, args.valid_clips)
+    cfg = TrainConfig(out_dir=str(args.out), max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      warmup_steps=min(50, args.steps // 10), ckpt_every=args.ckpt_every, device="cpu")
+    summary = fit(task, cfg, {"script": "shrink_spec", **{k: str(v) for k, v in vars(args).items()}},
+                  resume=args.resume, select_metric="srcc")
+    print(json.dumps(summary, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
