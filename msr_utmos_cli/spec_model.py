@@ -254,15 +254,32 @@ class SpecMOSModel(nn.Module):
                      fixed_shapes: bool = False, **_) -> tuple[torch.Tensor, torch.Tensor]:
         """wave (B, T) -> each row's score times its weight (B, 1), and its weight (B,): hops of audio.
 
-        Every row runs alone, on its own crops, so its score never depends on the rest of the batch. An
-        all-zero row is not run (scoring refuses silent input; batches are filled with such rows)."""
+        On a CPU each row runs alone, the CNN only over its audio's reach (measured fastest there).
+        Batched on a GPU (`fixed_shapes`, batch size > 1): all rows' crops go through the network
+        together (see batched_scores). An all-zero row is not run (scoring refuses silent input;
+        batches are filled with such rows)."""
         lengths = torch.full((wave.shape[0],), wave.shape[-1]) if lengths is None else lengths.cpu()
         weight = torch.clamp(lengths * self.cfg.frames_per_s // sr, min=1)
-        out = [self.crop_scores(self.crops(wave[b, :int(n)], sr), sr, int(n)).mean()
-               if n > 0 and bool(wave[b, :int(n)].any()) else wave.new_zeros(())  # silent rows: batch fillers
-               for b, n in enumerate(lengths.tolist())]
+        live = [(b, int(n)) for b, n in enumerate(lengths.tolist()) if n > 0 and bool(wave[b, :int(n)].any())]
+        if fixed_shapes and wave.device.type == "cuda":
+            scores = self.batched_scores([wave[b, :n] for b, n in live], sr, chunk=wave.shape[0])
+        else:
+            scores = [self.crop_scores(self.crops(wave[b, :n], sr), sr, n).mean() for b, n in live]
+        out = wave.new_zeros(wave.shape[0])
+        if live:
+            out[[b for b, _ in live]] = torch.stack(scores).to(out.dtype)
         w = weight.to(wave.device)
-        return (torch.stack(out) * w)[:, None], w
+        return (out * w)[:, None], w
+
+    def batched_scores(self, waves: list[torch.Tensor], sr: int, chunk: int) -> list[torch.Tensor]:
+        """Each wave's mean crop score, its crops run `chunk` at a time (zero crops fill the last chunk), so
+        every call has the same shape and a crop's score never depends on the others in its chunk."""
+        crops = [self.crops(x, sr) for x in waves]
+        counts = [c.shape[0] for c in crops]
+        flat = torch.cat(crops)  # (C, S)
+        flat = nn.functional.pad(flat, (0, 0, 0, -flat.shape[0] % chunk))
+        s = torch.cat([self.crop_scores(flat[i:i + chunk], sr) for i in range(0, flat.shape[0], chunk)])
+        return [part.mean() for part in s[:sum(counts)].split(counts)]
 
     def score(self, wave, sr: int, **kw) -> torch.Tensor:
         """MOS on the 1-5 scale -> (B,), under the same input rules as `utmos score` (see MOSModel.score)."""

@@ -24,6 +24,7 @@ import pandas as pd
 import soundfile as sf
 import torch
 
+from msr_utmos_cli.audio import AudioError
 from msr_utmos_cli.checkpoint import load_model, save_model
 from msr_utmos_cli.spec_model import SpecMOSModel, sfi_stft
 from msr_utmos_cli.training.train import TrainConfig, fit
@@ -110,10 +111,17 @@ class ShrinkTask:
         return SEG_S * batch[0].shape[0]
 
     def _scores(self, model: SpecMOSModel) -> np.ndarray:
+        """Scores of the validation clips; NaN where scoring refuses one (an all-silent clip, say)."""
         model.__dict__.pop("_zero_cache", None)  # the all-zero crop's features change as the CNN trains
-        with torch.no_grad():
-            return np.array([float(model.score(torch.from_numpy(sf.read(p, dtype="float32", always_2d=True)[0][:, 0]),
-                                               int(sr))[0]) for p, sr in self.valid])
+        out = []
+        for p, sr in self.valid:
+            x = torch.from_numpy(sf.read(p, dtype="float32", always_2d=True)[0][:, 0])
+            try:
+                with torch.no_grad():
+                    out.append(float(model.score(x, int(sr))[0]))
+            except AudioError:
+                out.append(float("nan"))
+        return np.array(out)
 
     def validate(self) -> dict:
         was = self.model.training
@@ -122,6 +130,8 @@ class ShrinkTask:
             self._teacher_valid = self._scores(self.teacher)
         s, t = self._scores(self.student), self._teacher_valid
         self.model.train(was)
+        ok = np.isfinite(s) & np.isfinite(t)
+        s, t = s[ok], t[ok]
         srcc = float(pd.Series(s).corr(pd.Series(t), method="spearman"))
         return {"srcc": srcc, "mad": float(np.abs(s - t).mean())}
 

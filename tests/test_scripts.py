@@ -5,6 +5,7 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 from typer.testing import CliRunner
 
@@ -86,8 +87,10 @@ def test_shrink_spec_trains_resumes_and_writes_a_model_utmos_scores(tmp_path):
                                          (48000, "valid")]):
             sf.write(corpus / "audio" / f"{i}.flac", speechlike(sr, 1.0 + i / 2, seed=i), sr)
             w.writerow([f"audio/{i}.flac", 8000 if i == 2 else sr, split])  # row 2: the manifest's rate is wrong
+        sf.write(corpus / "audio" / "silent.flac", np.zeros(8000, np.float32), 16000)  # scoring refuses it
+        w.writerow(["audio/silent.flac", 16000, "valid"])
     args = ["--teacher", str(teacher), "--corpus", str(corpus), "--out", str(tmp_path / "run"), "--widths",
-            "8,8,8,8,8,16", "--batch-size", "2", "--ckpt-every", "1", "--valid-clips", "2"]
+            "8,8,8,8,8,16", "--batch-size", "2", "--ckpt-every", "1", "--valid-clips", "3"]
     shrink.main(args + ["--steps", "2"])
     shrink.main(args + ["--steps", "3", "--resume"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -100,4 +103,5 @@ def test_shrink_spec_trains_resumes_and_writes_a_model_utmos_scores(tmp_path):
     assert res.exit_code == 0, res.output
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 5 and all(r["error"] == "" and 1 <= float(r["mos"]) <= 5 for r in rows)
+    assert len(rows) == 6 and sum(r["error"] != "" for r in rows) == 1
+    assert all(1 <= float(r["mos"]) <= 5 for r in rows if not r["error"])

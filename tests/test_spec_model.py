@@ -115,8 +115,23 @@ def test_scores_ignore_edge_silence_gain_and_the_batch(spec_dir):
     assert abs(score_waveforms(m, [x * 0.03], sr)[0] - base) < 1e-5  # each crop is peak-normalised
     waves = [speechlike(sr, s, seed=i) for i, s in enumerate([0.5, 1.5, 0.8])] + [x]
     alone = [score_waveforms(m, [w], sr)[0] for w in waves]
-    assert score_waveforms(m, waves, sr, batch_size=3) == alone
+    assert score_waveforms(m, waves, sr, batch_size=3) == alone  # on a CPU rows run alone at any batch size
     assert len(set(alone)) == len(alone)  # the scores differ, so equality means something
+
+
+def test_the_gpu_batched_path_agrees_with_rows_alone_and_ignores_neighbours(spec_dir):
+    """On CUDA a batch's crops run together in fixed-size chunks; run here on the CPU, the same code."""
+    m = load_model(spec_dir, "cpu")
+    sr = 24000
+    waves = [torch.from_numpy(speechlike(sr, s, seed=i)) for i, s in enumerate([0.5, 1.5, 0.8, 1.2])]
+    with torch.no_grad():
+        alone = [float(m.crop_scores(m.crops(w, sr), sr, w.shape[0]).mean()) for w in waves]
+        batched = [float(s) for s in m.batched_scores(waves, sr, chunk=3)]  # 4 crops: 2 chunks of 3
+        np.testing.assert_allclose(batched, alone, atol=1e-5, rtol=0)
+        others = [torch.from_numpy(speechlike(sr, 9.0, seed=10))]  # a long neighbour: 3 crops
+        again = [float(s) for s in m.batched_scores(others + waves[::-1], sr, chunk=3)[1:]]
+    assert again == batched[::-1]  # bitwise, whatever shares the chunks
+    assert len(set(alone)) == len(alone)
 
 
 def test_utmos_score_runs_a_spec_model_on_files_at_three_rates(spec_dir, tmp_path):
