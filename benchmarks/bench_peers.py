@@ -1,10 +1,11 @@
 """Speed and memory of utmos vs DistillMOS and DNSMOS, in one run on the same corpus clips.
 
-    python benchmarks/bench_peers.py --model models/<name> [--corpus corpus/] [--split test] [--files 36] [--repeats 3]
+    python benchmarks/bench_peers.py --model models/<name> [--baseline-model models/<other>] [--corpus corpus/]
+        [--split test] [--files 36] [--repeats 3] [--peers distillmos,distillmos+resample,dnsmos]
 
 Files: --files clips of the corpus's --split, spread over it (mixed rates, 8-48 kHz).
   - utmos:      `utmos score`'s pipeline (write_scores) on the files as they are: read, native-rate
-                batches, CSV. Model loading is not timed.
+                batches, CSV. Model loading is not timed. --baseline-model: a second model, same run.
   - DistillMOS: ConvTransformerSQAModel() called per file, as its README does, on 16 kHz arrays in memory
                 (files read and resampled to 16 kHz beforehand, not timed; a second row times reading and
                 resampling too, as its own CLI does).
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-TOOLS = ("utmos", "distillmos", "distillmos+resample", "dnsmos")
+PEERS = ("distillmos", "distillmos+resample", "dnsmos")
 
 
 def pick_files(corpus: Path, n: int, split: str = "test") -> list[Path]:
@@ -54,7 +55,7 @@ def read16k(path: Path) -> np.ndarray:
 # --- one tool, one pass ------------------------------------------------------------------
 def runner(tool: str, model_dir: str, files: list[Path], w16_dir: Path):
     """Load the tool and return a function doing one pass over the files (what is timed)."""
-    if tool == "utmos":
+    if tool.startswith("utmos"):
         from msr_utmos_cli import load_model
         from msr_utmos_cli.output import write_scores
 
@@ -94,11 +95,11 @@ def peak_rss_child(tool: str, model_dir: str, files: list[Path], w16_dir: Path) 
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, hwm / 1024)
 
 
-def peak_rss(tool: str, args, listing: Path, w16_dir: Path) -> float:
+def peak_rss(tool: str, model: str, listing: Path, w16_dir: Path) -> float:
     """Peak RSS of a fresh process. Linux carries the parent's RSS at fork into the child's ru_maxrss across
     exec, so the child is started through a shell that forks it (small parent); VmHWM, the new process's
     own high-water mark, is taken when present and must agree."""
-    cmd = [sys.executable, __file__, "--_child", tool, "--model", args.model, "--_list", str(listing),
+    cmd = [sys.executable, __file__, "--_child", tool, "--model", model, "--_list", str(listing),
            "--_w16", str(w16_dir)]
     out = subprocess.run(["sh", "-c", '"$@"; exit $?', "sh", *cmd], capture_output=True, text=True, check=True)
     maxrss, hwm = (float(v) for v in out.stdout.split()[-2:])
@@ -127,6 +128,9 @@ def main() -> None:
     ap.add_argument("--split", default="test", help="manifest split to take the clips from (corpus_ml: heldout)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
+    ap.add_argument("--baseline-model", default=None,
+                    help="a second utmos model timed in the same run (row utmos-baseline), e.g. the previous default")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers to time (of {', '.join(PEERS)})")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_list", help=argparse.SUPPRESS)
     ap.add_argument("--_w16", help=argparse.SUPPRESS)
@@ -139,7 +143,14 @@ def main() -> None:
 
     import torch
 
+    peers = [t for t in args.peers.split(",") if t]
+    if "distillmos" not in peers or any(t not in PEERS for t in peers):
+        sys.exit(f"bench_peers: --peers must include distillmos (the ratio's baseline) and name only {', '.join(PEERS)}")
+    models = {"utmos": args.model, **({"utmos-baseline": args.baseline_model} if args.baseline_model else {})}
+    tools = (*models, *peers)
     for module, extra in (("distillmos", "distillmos"), ("speechmos", "dnsmos")):
+        if module == "speechmos" and "dnsmos" not in peers:
+            continue
         if importlib.util.find_spec(module) is None:
             sys.exit(f"bench_peers: peer '{module}' is not installed: pip install -e '.[{extra}]'")
     files = pick_files(args.corpus, args.files, args.split)
@@ -154,10 +165,10 @@ def main() -> None:
         sf.write(str(tmp / f"{i:04d}.wav"), read16k(p), 16000, subtype="FLOAT")
 
     load0 = os.getloadavg()[0]
-    runs = {t: runner(t, args.model, files, tmp) for t in TOOLS}
+    runs = {t: runner(t, models.get(t, args.model), files, tmp) for t in tools}
     for fn in runs.values():  # warm-up: ONNX sessions, tap design, kernel selection
         fn()
-    times, cpu = {t: [] for t in TOOLS}, {t: [] for t in TOOLS}
+    times, cpu = {t: [] for t in tools}, {t: [] for t in tools}
     for _ in range(args.repeats):
         for t, fn in runs.items():
             t0, c0 = time.perf_counter(), time.process_time()
@@ -166,12 +177,12 @@ def main() -> None:
             cpu[t].append(time.process_time() - c0)
     load1 = os.getloadavg()[0]
     del runs
-    rss = {t: peak_rss(t, args, listing, tmp) for t in TOOLS if t != "distillmos+resample"}
+    rss = {t: peak_rss(t, models.get(t, args.model), listing, tmp) for t in tools if t != "distillmos+resample"}
     wall = {t: statistics.median(v) for t, v in times.items()}
-    speed = {t: audio_s / wall[t] for t in TOOLS}
-    cpu_speed = {t: audio_s / statistics.median(cpu[t]) for t in TOOLS}  # less sensitive to other load
+    speed = {t: audio_s / wall[t] for t in tools}
+    cpu_speed = {t: audio_s / statistics.median(cpu[t]) for t in tools}  # less sensitive to other load
 
-    labels = {"utmos": f"utmos score pipeline ({Path(args.model).name}), files at native rates",
+    labels = {**{t: f"utmos score pipeline ({Path(m).name}), files at native rates" for t, m in models.items()},
               "distillmos": f"DistillMOS {version('distillmos')}, 16 kHz arrays (resampling not timed)",
               "distillmos+resample": f"DistillMOS {version('distillmos')}, incl. read + resample to 16 kHz",
               "dnsmos": f"DNSMOS P.835+P.808 (speechmos {version('speechmos')}), 16 kHz arrays"}
@@ -182,17 +193,21 @@ def main() -> None:
           f"median of {args.repeats} after a warm-up\n")
     print("| scorer | wall s | audio s / wall s | audio s / CPU s | peak RSS (MiB, fresh process) |")
     print("|---|---|---|---|---|")
-    for t in TOOLS:
+    for t in tools:
         r = f"{rss[t]:.0f}" if t in rss else "(as above)"
         print(f"| {labels[t]} | {wall[t]:.2f} | {speed[t]:.1f} | {cpu_speed[t]:.1f} | {r} |")
     ratio = speed["utmos"] / speed["distillmos"]
-    ratio_r = speed["utmos"] / speed["distillmos+resample"]
-    print(f"\nutmos / DistillMOS throughput: {ratio:.2f}x (vs DistillMOS incl. resampling: {ratio_r:.2f}x; "
+    ratio_r = f"{speed['utmos'] / speed['distillmos+resample']:.2f}x" if "distillmos+resample" in speed else "not run"
+    print(f"\nutmos / DistillMOS throughput: {ratio:.2f}x (vs DistillMOS incl. resampling: {ratio_r}; "
           f"per CPU second: {cpu_speed['utmos'] / cpu_speed['distillmos']:.2f}x); "
           f"target >= 3x: {'met' if ratio >= 3 else 'NOT met'}")
-    print(f"utmos / DNSMOS throughput: {speed['utmos'] / speed['dnsmos']:.2f}x")
+    if "utmos-baseline" in speed:
+        print(f"utmos-baseline / DistillMOS throughput: {speed['utmos-baseline'] / speed['distillmos']:.2f}x; "
+              f"utmos / utmos-baseline: {speed['utmos'] / speed['utmos-baseline']:.2f}x")
+    if "dnsmos" in speed:
+        print(f"utmos / DNSMOS throughput: {speed['utmos'] / speed['dnsmos']:.2f}x")
     if args.out:
-        args.out.write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+        args.out.write_text(json.dumps({"models": models, "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                                         "load_avg_1min": [load0, load1], "files": len(files), "audio_s": audio_s,
                                         "wall_s": times, "cpu_s": cpu, "audio_s_per_s": speed,
                                         "audio_s_per_cpu_s": cpu_speed, "peak_rss_mib": rss,
