@@ -9,14 +9,16 @@ narrow CNN is trained to give the full CNN's features (after the head's input no
 of the corpus' training split at their own rates, padding included. The transformer head is the
 teacher's, frozen, so the student inherits its reading of the features. The CNN sees only 6 STFT
 frames either side of an output, so 2 s segments teach it all a 7.68 s crop would. Runs in the shared
-training loop: checkpoints in --out, `--resume` continues an interrupted run exactly; the model
-folder is written to OUT/model at the end.
+training loop: checkpoints in --out, `--resume` continues an interrupted run exactly (and, on a
+finished run, only writes the model again); the best checkpoint becomes the model folder OUT/model.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 from msr_utmos_cli.audio import AudioError
 from msr_utmos_cli.checkpoint import load_model, save_model
 from msr_utmos_cli.spec_model import SpecMOSModel, sfi_stft
+from msr_utmos_cli.training.checkpoints import find_checkpoint
 from msr_utmos_cli.training.train import TrainConfig, fit
 
 SEG_S, PAD_S, EDGE = 2.0, 2.0, 4  # segment length, zero padding after each clip, CNN columns not scored at each end
@@ -162,6 +165,23 @@ def main(argv: list[str] | None = None) -> None:
     summary = fit(task, cfg, {"script": "shrink_spec", **{k: str(v) for k, v in vars(args).items()}},
                   resume=args.resume, select_metric="srcc")
     print(json.dumps(summary, indent=1, default=str))
+    release(args, summary)
+
+
+def release(args, summary: dict) -> None:
+    """OUT/model: the best checkpoint as a model folder, without trainer state, with the teacher's licence notices."""
+    best = find_checkpoint(args.out, "best") or find_checkpoint(args.out, "last")
+    model = load_model(best, device="cpu")
+    teacher = load_model(args.teacher, device="cpu")
+    meta = {"model_version": args.model_version, "task": "shrink",
+            "source": f"{teacher.identity['model']} {teacher.identity['model_version']} "
+                      f"(weights sha256 {teacher.identity['model_sha256'][:12]})",
+            "cnn_widths": model.cfg.cnn_widths, "step": model.metadata.get("step"),
+            "valid": model.metadata.get("valid"), "command": " ".join(["python scripts/shrink_spec.py"] + sys.argv[1:])}
+    folder = save_model(model, args.out / "model", meta)
+    for notice in Path(teacher.source).glob("LICENSE*"):
+        shutil.copy(notice, folder / notice.name)
+    print(f"wrote {folder} (step {meta['step']}, validation {meta['valid']})")
 
 
 if __name__ == "__main__":

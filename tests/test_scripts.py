@@ -95,10 +95,12 @@ def test_shrink_spec_trains_resumes_and_writes_a_model_utmos_scores(tmp_path):
     shrink.main(args + ["--steps", "3", "--resume"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "valid" in r] == [1, 2, 3]  # the resumed run went on at step 3
-    model = load_model(tmp_path / "run" / "last", device="cpu")
+    model = load_model(tmp_path / "run" / "model", device="cpu")  # the release folder, from the best checkpoint
     assert model.cfg.cnn_widths == [8, 8, 8, 8, 8, 16]
+    assert model.metadata["task"] == "shrink" and model.metadata["step"] in (1, 2, 3)
+    assert sorted(p.name for p in (tmp_path / "run" / "model").iterdir()) == ["config.json", "model.safetensors"]
     out = tmp_path / "scores.csv"
-    res = CliRunner().invoke(app, ["score", "--model", str(tmp_path / "run" / "last"), "-o", str(out), "--quiet",
+    res = CliRunner().invoke(app, ["score", "--model", str(tmp_path / "run" / "model"), "-o", str(out), "--quiet",
                                    str(corpus / "audio")])
     assert res.exit_code == 0, res.output
     with open(out, newline="") as f:
