@@ -177,7 +177,8 @@ def release(args, summary: dict) -> None:
             "source": f"{teacher.identity['model']} {teacher.identity['model_version']} "
                       f"(weights sha256 {teacher.identity['model_sha256'][:12]})",
             "cnn_widths": model.cfg.cnn_widths, "step": model.metadata.get("step"),
-            "valid": model.metadata.get("valid"), "command": " ".join(["python scripts/shrink_spec.py"] + sys.argv[1:])}
+            "valid": model.metadata.get("valid"),
+            "command": " ".join(["python scripts/shrink_spec.py"] + [a for a in sys.argv[1:] if a != "--resume"])}
     folder = save_model(model, args.out / "model", meta)
     for notice in Path(teacher.source).glob("LICENSE*"):
         shutil.copy(notice, folder / notice.name)
