@@ -148,7 +148,7 @@ def test_weights_are_checked_against_the_sha256_in_config(tmp_path):
     assert not torch.equal(load_model(folder, "cpu").score(x, 16000), good)
 
 
-@pytest.mark.parametrize("name", ["msr-utmos-small-distillmos", "msr-utmos-spec-distillmos"])
+@pytest.mark.parametrize("name", ["msr-utmos-small-distillmos", "msr-utmos-spec-distillmos", "msr-utmos-spec-fast"])
 def test_bundled_model_records_its_weights_sha256(name):
     from msr_utmos_cli.checkpoint import available_models, models_dir, weights_sha256
 
