@@ -207,8 +207,8 @@ def main() -> None:
     if "dnsmos" in speed:
         print(f"utmos / DNSMOS throughput: {speed['utmos'] / speed['dnsmos']:.2f}x")
     if args.out:
-        args.out.write_text(json.dumps({"models": models, "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-                                        "load_avg_1min": [load0, load1], "files": len(files), "audio_s": audio_s,
+        args.out.write_text(json.dumps({"models": models, "cpu": cpu_name(), "cores": os.cpu_count(),
+                                        "torch": torch.__version__, "load_avg_1min": [load0, load1], "files": len(files), "audio_s": audio_s,
                                         "wall_s": times, "cpu_s": cpu, "audio_s_per_s": speed,
                                         "audio_s_per_cpu_s": cpu_speed, "peak_rss_mib": rss,
                                         "ratio_utmos_distillmos": ratio}, indent=1))

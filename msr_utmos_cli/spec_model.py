@@ -240,6 +240,10 @@ class SpecMOSModel(nn.Module):
                 return torch.cat([head, self.zero_features(crops)[:, j0:]], dim=1)
         return self.cnn(sfi_stft(crops, sr, frames, self.cfg))
 
+    def forget_zero_features(self) -> None:
+        """Drop the cached all-zero crop features: call after changing the CNN's weights (training)."""
+        self.__dict__.pop("_zero_cache", None)
+
     def zero_features(self, like: torch.Tensor) -> torch.Tensor:
         """CNN features of an all-zero crop (1, crop_frames, D); cached per device and dtype."""
         key = (like.device, like.dtype)

@@ -1,7 +1,7 @@
 """Shrink the SFI spectrogram model: a narrower CNN, taught by the full model's CNN.
 
     python scripts/shrink_spec.py --teacher models/msr-utmos-spec-distillmos --corpus corpus_ml \\
-        --out runs/spec-fast --steps 1200 [--resume]
+        --out runs/spec-fast --steps 1000 [--resume]
 
 The CNN costs ~80 % of the full model's time. Its filters are pruned (each layer keeps the half with
 the largest L1 norm: 64/64/128/256/256 -> 32/32/64/128/128 channels, the last layer whole), then the
@@ -69,7 +69,7 @@ class ShrinkTask:
         self.rates = sorted(self.by_rate)
         self.rate_p = np.array([len(self.by_rate[r]) for r in self.rates], float) / len(self.train)
         valid = man[man.split == "valid"].sample(n=min(valid_clips, int((man.split == "valid").sum())), random_state=0)
-        self.valid = [(corpus / p, sr) for p, sr in zip(valid.path, valid.sample_rate)]
+        self.valid = [corpus / p for p in valid.path]  # scored at the file's own rate, not the manifest's
         self.corpus, self.batch_size, self._teacher_valid = corpus, batch_size, None
 
     def param_groups(self) -> list[dict]:
@@ -79,16 +79,15 @@ class ShrinkTask:
         self.teacher.to(device)
         self.student.to(device)
 
-    def segment(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        row = self.train.iloc[i]
-        x, sr = sf.read(self.corpus / row.path, dtype="float32", always_2d=True)
+    def segment(self, i: int, rng: np.random.Generator) -> np.ndarray:
+        x, sr = sf.read(self.corpus / self.train.path[i], dtype="float32", always_2d=True)
         x = x[:, 0] / (np.abs(x[:, 0]).max() + 1e-8)  # peak-normalised, as a crop
         x = np.concatenate([x, np.zeros(int(PAD_S * sr), np.float32)])  # crops end in zero padding
         n = int(SEG_S * sr)
         if len(x) < n:
             x = np.pad(x, (0, n - len(x)))
         start = int(rng.integers(0, len(x) - n + 1))
-        return x[start:start + n], sr
+        return x[start:start + n]
 
     def batches(self, rank: int, world: int, seed: int, start: int):
         step = start
@@ -96,13 +95,13 @@ class ShrinkTask:
             rng = np.random.default_rng([seed, rank, step])
             sr = self.rates[rng.choice(len(self.rates), p=self.rate_p)]
             idx = rng.choice(self.by_rate[sr], size=self.batch_size)
-            segs = [self.segment(int(i), rng)[0] for i in idx]
+            segs = [self.segment(int(i), rng) for i in idx]
             yield torch.from_numpy(np.stack(segs)), torch.tensor(sr)
             step += 1
 
     def loss(self, batch, step: int):
         x, sr = batch
-        frames = int(SEG_S * 100)
+        frames = int(SEG_S * self.student.cfg.frames_per_s)
         spec = sfi_stft(x, int(sr), frames, self.student.cfg)  # (B, 2, K, M)
         with torch.no_grad():
             target = self.norm(self.teacher.cnn(spec).transpose(1, 2))  # (B, D, M/2)
@@ -115,13 +114,13 @@ class ShrinkTask:
 
     def _scores(self, model: SpecMOSModel) -> np.ndarray:
         """Scores of the validation clips; NaN where scoring refuses one (an all-silent clip, say)."""
-        model.__dict__.pop("_zero_cache", None)  # the all-zero crop's features change as the CNN trains
+        model.forget_zero_features()  # the all-zero crop's features change as the CNN trains
         out = []
-        for p, sr in self.valid:
-            x = torch.from_numpy(sf.read(p, dtype="float32", always_2d=True)[0][:, 0])
+        for p in self.valid:
+            x, sr = sf.read(p, dtype="float32", always_2d=True)
             try:
                 with torch.no_grad():
-                    out.append(float(model.score(x, int(sr))[0]))
+                    out.append(float(model.score(torch.from_numpy(x[:, 0]), sr)[0]))
             except AudioError:
                 out.append(float("nan"))
         return np.array(out)
@@ -139,7 +138,7 @@ class ShrinkTask:
         return {"srcc": srcc, "mad": float(np.abs(s - t).mean())}
 
     def export(self, folder: Path, metadata: dict) -> None:
-        self.student.__dict__.pop("_zero_cache", None)
+        self.student.forget_zero_features()
         save_model(self.student, folder, metadata)
 
 
@@ -149,12 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corpus", type=Path, default=Path("corpus_ml"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--widths", default="32,32,64,128,128,256")
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--valid-clips", type=int, default=48)
     ap.add_argument("--ckpt-every", type=int, default=100)
-    ap.add_argument("--model-version", default="2.1.0")
+    ap.add_argument("--model-version", default="1.0.0")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     teacher = load_model(args.teacher, device="cpu")
@@ -165,14 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     summary = fit(task, cfg, {"script": "shrink_spec", **{k: str(v) for k, v in vars(args).items()}},
                   resume=args.resume, select_metric="srcc")
     print(json.dumps(summary, indent=1, default=str))
-    release(args, summary)
+    release(args, teacher)
 
 
-def release(args, summary: dict) -> None:
+def release(args, teacher: SpecMOSModel) -> None:
     """OUT/model: the best checkpoint as a model folder, without trainer state, with the teacher's licence notices."""
     best = find_checkpoint(args.out, "best") or find_checkpoint(args.out, "last")
     model = load_model(best, device="cpu")
-    teacher = load_model(args.teacher, device="cpu")
     meta = {"model_version": args.model_version, "task": "shrink",
             "source": f"{teacher.identity['model']} {teacher.identity['model_version']} "
                       f"(weights sha256 {teacher.identity['model_sha256'][:12]})",
