@@ -2,13 +2,16 @@
 
     python benchmarks/bench_score.py --batch-sizes 1,4 [--devices cpu,cuda] [--precisions fp32,bf16]
                                      [--workers 0,4] [--files 24] [--base-files 6] [--repeats 3]
+                                     [--models bundled,msr-utmos-spec-fast]
     python benchmarks/bench_score.py [--preset base] [--files 24] [--seconds 6] [--repeats 3] [--long-minutes 30]
 
 With --batch-sizes: `utmos score`'s engine (write_scores) over a mix of files of 1-30 s (log-uniform)
-at 8-48 kHz, for the bundled model and the `base` preset (random weights: speed does not depend on
-them), each configuration in a fresh process: audio seconds per wall second (median of the repeats
-after a warm-up), peak memory (RSS on CPU, allocated on CUDA), how full the batches were (real
-windows / rows run), and the ratio to batch size 1 with the same model, device and precision.
+at 8-48 kHz, for the models named (default: the bundled one) and the `base` preset (random weights:
+speed does not depend on them), each configuration in a fresh process: audio seconds per wall second
+(median of the repeats after a warm-up), peak memory (RSS on CPU, allocated on CUDA), how full the
+batches were (real windows / rows run), the ratio to batch size 1 with the same model, device and
+precision, and the scores' largest difference from the model's first configuration (list cpu and
+batch 1 first) and whether the rounds gave bitwise the same scores.
 
 Without it, audio seconds per wall second (median of repeats) for
   - bare:     torchaudio.models.wav2vec2_base() forward on the 16 kHz audio (batch of equal-length clips),
@@ -117,8 +120,11 @@ def child(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import pandas as pd
+
+    mos = pd.read_csv(out).set_index("path")["mos"].sort_index()
     return {"wall": statistics.median(times), "peak_mib": peak, "fill": rows[0] / max(rows[1], 1),
-            "scored": summary["scored"]}
+            "scored": summary["scored"], "mos": mos.tolist()}
 
 
 def batch_table(args) -> None:
@@ -129,11 +135,16 @@ def batch_table(args) -> None:
     import json
 
     tmp = Path(tempfile.mkdtemp())
-    models = {"bundled": None, "base": str(random_model(tmp / "base", "base"))}
-    files = {"bundled": args.files, "base": args.base_files}
+    models = {name: (None if name == "bundled" else name) for name in args.models.split(",")}
+    files = {name: args.files for name in models}
+    if args.base_files:
+        models["base"], files["base"] = str(random_model(tmp / "base", "base")), args.base_files
     rates, (lo, hi) = [int(r) for r in args.rates.split(",")], [float(x) for x in args.seconds_range.split(",")]
-    audio = {name: make_mix(tmp / name, n, rates, lo, hi) for name, n in files.items() if n}
-    configs = list(itertools.product(audio, args.devices.split(","), args.precisions.split(","),
+    audio = {"mix": make_mix(tmp / "mix", args.files, rates, lo, hi)}
+    if args.base_files:
+        audio["base_mix"] = make_mix(tmp / "base_mix", args.base_files, rates, lo, hi)
+    folder = {name: ("base_mix" if name == "base" else "mix") for name in models}
+    configs = list(itertools.product(models, args.devices.split(","), args.precisions.split(","),
                                      [int(w) for w in args.workers.split(",")],
                                      [int(b) for b in args.batch_sizes.split(",")]))
     runs: dict[tuple, list[dict]] = {c: [] for c in configs}
@@ -141,7 +152,8 @@ def batch_table(args) -> None:
         for c in configs:
             name, dev, prec, workers, bs = c
             spec = {"model": models[name], "device": dev, "batch_size": bs, "precision": prec, "workers": workers,
-                    "folder": str(tmp / name), "warmup": sorted(str(p) for p in (tmp / name).iterdir())[:2],
+                    "folder": str(tmp / folder[name]),
+                    "warmup": sorted(str(p) for p in (tmp / folder[name]).iterdir())[:2],
                     "repeats": 1}
             p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                text=True)
@@ -150,11 +162,13 @@ def batch_table(args) -> None:
             else:
                 runs[c].append(json.loads(p.stdout.strip().splitlines()[-1]))
     print(f"\nmachine: {describe_machine(args.devices)}; torch {torch.__version__}; median of {args.repeats} "
-          f"rounds, each after a warm-up; {files['bundled']} files for the bundled model, {files['base']} for base; "
+          f"rounds, each after a warm-up; {args.files} files ({args.base_files} for base); "
           f"{lo:g}-{hi:g} s at {args.rates} Hz")
+    print("max |d|: the largest score difference from the same model on the CPU at batch 1 (first config listed); "
+          "repeat: whether every round gave bitwise the same scores")
     print("| model | device | precision | workers | batch | audio s | wall s | audio s / s | vs batch 1 | "
-          "peak MiB | fill |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "peak MiB | fill | max \\|d\\| | repeat |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c, rs in runs.items():
         if not rs:
             continue
@@ -162,8 +176,13 @@ def batch_table(args) -> None:
         ratios = [a["wall"] / r["wall"] for a, r in zip(one, rs)]
         wall = statistics.median(r["wall"] for r in rs)
         ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
-        print(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | {c[4]} | {audio[c[0]]:.0f} | {wall:.1f} | "
-              f"{audio[c[0]] / wall:.1f} | {ratio} | {max(r['peak_mib'] for r in rs):.0f} | {rs[0]['fill']:.2f} |")
+        ref = next((runs[k][0]["mos"] for k in configs if k[0] == c[0] and runs[k]), rs[0]["mos"])
+        diff = float(np.max(np.abs(np.subtract(rs[0]["mos"], ref)))) if len(ref) == len(rs[0]["mos"]) else float("nan")
+        same = all(r["mos"] == rs[0]["mos"] for r in rs)
+        secs = audio[folder[c[0]]]
+        print(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | {c[4]} | {secs:.0f} | {wall:.1f} | "
+              f"{secs / wall:.1f} | {ratio} | {max(r['peak_mib'] for r in rs):.0f} | {rs[0]['fill']:.2f} | "
+              f"{diff:.1e} | {'yes' if same else 'no'} |")
 
 
 def describe_machine(devices: str) -> str:
@@ -194,6 +213,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32")
     ap.add_argument("--workers", default="0", help="reader threads, e.g. 0,4")
     ap.add_argument("--base-files", type=int, default=6, help="files in the base preset's mix (0 skips it)")
+    ap.add_argument("--models", default="bundled", help="models timed on the mix, e.g. bundled,msr-utmos-spec-fast")
     ap.add_argument("--rates", default=",".join(map(str, MIXED)), help="rates of the mix's files")
     ap.add_argument("--seconds-range", default="1,30", help="shortest,longest file of the mix (log-uniform)")
     args = ap.parse_args()

@@ -266,3 +266,18 @@ def test_eval_bandwidth_scores_each_file_at_full_band_and_low_passed(tiny_model_
     assert len({r["mos"] for r in rows}) == 3  # the low-pass changed what the model heard
     eval_bandwidth.main([str(tmp_path / "a.wav"), "--model", str(tiny_model_dir), "--cutoffs", "8000"])
     assert capsys.readouterr().out.count("a.wav") == 2
+
+
+def test_bench_score_table_compares_each_configuration_with_the_first(tmp_path, capsys, monkeypatch):
+    import bench_score
+
+    spec = random_model(tmp_path / "spec", "tiny-spec")
+    monkeypatch.setattr(sys, "argv", ["bench_score.py", "--batch-sizes", "1,3", "--devices", "cpu", "--files", "4",
+                                      "--base-files", "0", "--models", str(spec), "--repeats", "2",
+                                      "--seconds-range", "0.5,1.5", "--rates", "16000"])
+    bench_score.main()
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {spec}")]
+    assert [int(r[4]) for r in rows] == [1, 3]
+    assert float(rows[0][11]) == 0.0 and float(rows[1][11]) <= 1e-5  # batch 3 against batch 1
+    assert [r[12].strip() for r in rows] == ["yes", "yes"]  # every round bitwise the same
+    assert float(rows[1][10]) > 0.5  # one rate, any lengths: the batches of a crop model fill
