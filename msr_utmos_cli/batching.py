@@ -21,9 +21,9 @@ import torch
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Batch size by device (benchmarks/bench_score.py, docs/benchmarks.md). CPU: one unpadded window at
-# a time, measured as fast as batching on a mixed set there. CUDA: not yet measured on this release;
-# a row of the `base` preset holding a 20 s window at 48 kHz takes ~0.45 GiB, so 32 rows suit a
-# data-centre GPU (40 GiB or more) and 8 a smaller one.
+# a time, measured as fast as batching on a mixed set there. CUDA: on an H200 the spectrogram models
+# run as fast at 32 as at 8 (1.4-1.9x batch 1); a row of the `base` preset holding a 20 s window at
+# 48 kHz takes ~0.45 GiB, so 32 rows suit a data-centre GPU (40 GiB or more) and 8 a smaller one.
 AUTO_BATCH = {"cpu": 1, "cuda": 32, "small cuda": 8}
 BIG_GPU_BYTES = 40 * 2**30
 BUCKETS_PER_OCTAVE = 8  # padding costs at most 1/8 of a window's length
@@ -87,17 +87,19 @@ def bucket(frames: int, batch_size: int) -> int:
     return -(-frames // step) * step
 
 
-def plan(windows: list[tuple[int, int]], batch_size: int) -> list[tuple[int, int, list[int]]]:
+def plan(windows: list[tuple[int, int]], batch_size: int, by_length: bool = True) -> list[tuple[int, int, list[int]]]:
     """Batches of window indices as (rate, padded length, indices).
 
     windows: (rate, samples) per window. At batch size 1 each window alone, in order; otherwise
     grouped by rate (each rate has its own SFI taps) and length bucket, groups in the order they
-    first appear, `batch_size` windows at a time."""
+    first appear, `batch_size` windows at a time. by_length=False: a model whose kernel shapes never
+    depend on a row's length (fixed-size crops) is grouped by rate alone, so its batches fill; a
+    batch is then as long as its longest window."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (sr, n) in enumerate(windows):
-        groups.setdefault((sr, bucket(n, batch_size)), []).append(i)
-    return [(sr, length, idx[j:j + batch_size]) for (sr, length), idx in groups.items()
-            for j in range(0, len(idx), batch_size)]
+        groups.setdefault((sr, bucket(n, batch_size) if by_length else 0), []).append(i)
+    return [(sr, length or max(windows[i][1] for i in idx[j:j + batch_size]), idx[j:j + batch_size])
+            for (sr, length), idx in groups.items() for j in range(0, len(idx), batch_size)]
 
 
 def launch(model, waves: list[np.ndarray], sr: int, length: int, batch_size: int, precision: str = "fp32"):

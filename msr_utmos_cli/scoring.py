@@ -258,7 +258,8 @@ def _run_items(model: MOSModel, items: list[_Item], on_error: Callable[[int, str
     engine = engine or Engine()
     parts: dict[int, dict[int, tuple[float, int, float]]] = {}
     failed: set[int] = set()
-    batches = batching.plan([(it.sr, it.frames) for it in items], engine.batch_size)
+    batches = batching.plan([(it.sr, it.frames) for it in items], engine.batch_size,
+                            by_length=not getattr(model, "crops_fixed_shapes", False))
     order = [items[i] for _, _, idx in batches for i in idx]
     ahead = batching.READ_AHEAD * max(engine.batch_size, engine.workers)
     loads = batching.read_ahead(engine.pool, [lambda it=it: _load(it) for it in order], ahead)

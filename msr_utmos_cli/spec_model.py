@@ -190,6 +190,8 @@ class PoolHead(nn.Module):
 class SpecMOSModel(nn.Module):
     """MOS from a waveform at any integer rate: SFI STFT -> CNN -> transformer -> attention pool."""
 
+    crops_fixed_shapes = True  # batched, every kernel sees fixed-size crops: batches need no length buckets
+
     def __init__(self, cfg: SpecModelConfig):
         super().__init__()
         self.cfg = cfg

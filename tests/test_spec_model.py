@@ -134,6 +134,33 @@ def test_the_gpu_batched_path_agrees_with_rows_alone_and_ignores_neighbours(spec
     assert len(set(alone)) == len(alone)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_on_cuda_batch_sizes_agree_and_a_score_ignores_its_neighbours(spec_dir):
+    """The batched CUDA path: within 1e-5 of batch 1, within 1e-4 of the CPU, bitwise whatever the order."""
+    waves = [speechlike(24000, s, seed=i) for i, s in enumerate([0.5, 9.0, 1.5, 0.8, 1.2, 3.0])]
+    gpu = load_model(spec_dir, "cuda")
+    one = score_waveforms(gpu, waves, 24000, batch_size=1)
+    four = score_waveforms(gpu, waves, 24000, batch_size=4)
+    np.testing.assert_allclose(four, one, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(four, score_waveforms(load_model(spec_dir, "cpu"), waves, 24000), atol=1e-4, rtol=0)
+    assert score_waveforms(gpu, waves[::-1], 24000, batch_size=4) == four[::-1]
+    assert score_waveforms(gpu, waves[2:3], 24000, batch_size=4) == four[2:3]
+    assert len(set(four)) == len(four)
+
+
+def test_a_spec_models_batches_hold_windows_of_any_length_at_one_rate(spec_dir, monkeypatch):
+    """Its crops have a fixed size, so batches need no length buckets and fill up on a mixed set."""
+    from msr_utmos_cli import batching
+
+    calls, launch = [], batching.launch
+    monkeypatch.setattr(batching, "launch", lambda m, waves, *a, **k: calls.append(len(waves)) or launch(m, waves, *a, **k))
+    m = load_model(spec_dir, "cpu")
+    waves = [speechlike(24000, s, seed=i) for i, s in enumerate([0.5, 9.0, 1.5, 3.0])]
+    four = score_waveforms(m, waves, 24000, batch_size=4)
+    assert calls == [4]
+    np.testing.assert_allclose(four, score_waveforms(m, waves, 24000, batch_size=1), atol=1e-5, rtol=0)
+
+
 def test_utmos_score_runs_a_spec_model_on_files_at_three_rates(spec_dir, tmp_path):
     for sr in (8000, 16000, 48000):
         sf.write(tmp_path / f"a{sr}.wav", speechlike(sr, 1.0, seed=sr), sr)
