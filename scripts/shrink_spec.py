@@ -1,7 +1,8 @@
-"""Shrink the SFI spectrogram model: a narrower CNN, taught by the full model's CNN.
+"""Shrink the SFI spectrogram model: a narrower CNN, taught by the full model's CNN, or a shallower head.
 
     python scripts/shrink_spec.py --teacher models/msr-utmos-spec-distillmos --corpus corpus_ml \\
         --out runs/spec-fast --steps 1000 [--resume]
+    python scripts/shrink_spec.py --teacher runs/spec-fast/model --head-layers 4 --out runs/spec-fast-head ...
 
 The CNN costs ~80 % of the full model's time. Its filters are pruned (each layer keeps the half with
 the largest L1 norm: 64/64/128/256/256 -> 32/32/64/128/128 channels, the last layer whole), then the
@@ -11,6 +12,10 @@ teacher's, frozen, so the student inherits its reading of the features. The CNN 
 frames either side of an output, so 2 s segments teach it all a 7.68 s crop would. Runs in the shared
 training loop: checkpoints in --out, `--resume` continues an interrupted run exactly (and, on a
 finished run, only writes the model again); the best checkpoint becomes the model folder OUT/model.
+
+With --head-layers the CNN is kept (frozen, shared by teacher and student) and the transformer keeps
+that many of the teacher's layers, evenly spaced; they are trained on whole 7.68 s crops to give the
+teacher's last hidden states (after its norm) and its crop score.
 """
 from __future__ import annotations
 
@@ -28,20 +33,38 @@ import torch
 
 from msr_utmos_cli.audio import AudioError
 from msr_utmos_cli.checkpoint import load_model, save_model
-from msr_utmos_cli.spec_model import SpecMOSModel, sfi_stft
+from msr_utmos_cli.spec_model import SpecMOSModel, cnn_widths, sfi_stft
 from msr_utmos_cli.training.checkpoints import find_checkpoint
 from msr_utmos_cli.training.train import TrainConfig, fit
 
 SEG_S, PAD_S, EDGE = 2.0, 2.0, 4  # segment length, zero padding after each clip, CNN columns not scored at each end
 
 
-def prune(teacher: SpecMOSModel, widths: list[int]) -> SpecMOSModel:
-    """The teacher with each CNN layer cut to its `widths` strongest filters (L1 norm); head copied, frozen."""
+def kept_layers(layers: int, keep: int) -> list[int]:
+    """`keep` of `layers` transformer layers, evenly spaced, the first and last included."""
+    return sorted({round(i * (layers - 1) / max(keep - 1, 1)) for i in range(keep)})
+
+
+def prune(teacher: SpecMOSModel, widths: list[int], head_layers: int | None = None) -> SpecMOSModel:
+    """The teacher with each CNN layer cut to its `widths` strongest filters (L1 norm) and its transformer
+    to `head_layers` of its layers; the head is copied and frozen (and eval: its BatchNorms keep the
+    teacher's statistics)."""
     cfg = copy.deepcopy(teacher.cfg)
     cfg.cnn_widths = list(widths)
+    cfg.layers = head_layers or teacher.cfg.layers
     student = SpecMOSModel(cfg)
-    student.transformer_pool_attn.load_state_dict(teacher.transformer_pool_attn.state_dict())
-    student.transformer_pool_attn.requires_grad_(False)  # and eval: its BatchNorms keep the teacher's statistics
+    prefix = "transformer.transformer_encoder.layers."
+    new_index = {old: new for new, old in enumerate(kept_layers(teacher.cfg.layers, cfg.layers))}
+    head = {}
+    for key, value in teacher.transformer_pool_attn.state_dict().items():
+        if key.startswith(prefix):
+            old, rest = key[len(prefix):].split(".", 1)
+            if int(old) not in new_index:
+                continue
+            key = f"{prefix}{new_index[int(old)]}.{rest}"
+        head[key] = value
+    student.transformer_pool_attn.load_state_dict(head)
+    student.transformer_pool_attn.requires_grad_(False)
     convs_t = [m for m in teacher.cnn.cnn if isinstance(m, torch.nn.Conv2d)]
     convs_s = [m for m in student.cnn.cnn if isinstance(m, torch.nn.Conv2d)]
     keep_in = torch.arange(2)
@@ -55,12 +78,29 @@ def prune(teacher: SpecMOSModel, widths: list[int]) -> SpecMOSModel:
     return student.eval()
 
 
+def hidden_and_score(head, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PoolHead.forward, also returning the normed last hidden states: (B, N, C) -> (B, N, D), (B,) on 1-5."""
+    x = head.norm_input(feats.transpose(1, 2)).transpose(1, 2)
+    x = head.norm_trans(head.transformer(x).transpose(1, 2)).transpose(1, 2)
+    p = head.pool
+    att = torch.softmax(p.linear2(torch.relu(p.linear1(x))).transpose(1, 2), dim=2)  # (B, 1, N)
+    return x, 1 + 4 * torch.sigmoid(p.linear3(torch.bmm(att, x)[:, 0])[:, 0])
+
+
 class ShrinkTask:
-    """fit's task: the student's CNN is the model; the loss is the normed-feature MSE to the teacher's CNN."""
+    """fit's task. CNN mode: the student's CNN is the model; the loss is the normed-feature MSE to the
+    teacher's CNN. Head mode (a shallower student head): its transformer layers are the model; the loss
+    is the MSE to the teacher's normed last hidden states plus that of the crop scores."""
 
     def __init__(self, teacher: SpecMOSModel, student: SpecMOSModel, corpus: Path, batch_size: int,
                  valid_clips: int):
-        self.teacher, self.student, self.model = teacher.eval(), student, student.cnn
+        self.head_mode = student.cfg.layers < teacher.cfg.layers
+        self.teacher, self.student = teacher.eval(), student
+        if self.head_mode:
+            student.cnn.requires_grad_(False)
+            self.model = student.transformer_pool_attn.transformer.transformer_encoder.requires_grad_(True)
+        else:
+            self.model = student.cnn
         self.norm = teacher.transformer_pool_attn.norm_input  # fixed affine in eval mode
         man = pd.read_csv(corpus / "manifest.csv")
         self.train = man[man.split == "train"].reset_index(drop=True)
@@ -80,8 +120,13 @@ class ShrinkTask:
         self.student.to(device)
 
     def segment(self, i: int, rng: np.random.Generator) -> np.ndarray:
+        """CNN mode: SEG_S of a clip followed by PAD_S of zeros. Head mode: one whole crop as scoring makes it."""
         x, sr = sf.read(self.corpus / self.train.path[i], dtype="float32", always_2d=True)
         x = x[:, 0] / (np.abs(x[:, 0]).max() + 1e-8)  # peak-normalised, as a crop
+        if self.head_mode:
+            n = round(self.student.cfg.crop_s * sr)
+            start = int(rng.integers(0, max(len(x) - n, 0) + 1))
+            return np.pad(x[start:start + n], (0, max(n - len(x), 0)))
         x = np.concatenate([x, np.zeros(int(PAD_S * sr), np.float32)])  # crops end in zero padding
         n = int(SEG_S * sr)
         if len(x) < n:
@@ -101,6 +146,13 @@ class ShrinkTask:
 
     def loss(self, batch, step: int):
         x, sr = batch
+        if self.head_mode:
+            with torch.no_grad():
+                feats = self.student.cnn(sfi_stft(x, int(sr), 2 * self.student.cfg.crop_frames, self.student.cfg))
+                hidden_t, score_t = hidden_and_score(self.teacher.transformer_pool_attn, feats)
+            hidden, score = hidden_and_score(self.student.transformer_pool_attn, feats)
+            mse = torch.nn.functional.mse_loss
+            return mse(hidden, hidden_t) + mse(score, score_t), {}
         frames = int(SEG_S * self.student.cfg.frames_per_s)
         spec = sfi_stft(x, int(sr), frames, self.student.cfg)  # (B, 2, K, M)
         with torch.no_grad():
@@ -110,7 +162,7 @@ class ShrinkTask:
         return loss, {}
 
     def audio_seconds(self, batch) -> float:
-        return SEG_S * batch[0].shape[0]
+        return (self.student.cfg.crop_s if self.head_mode else SEG_S) * batch[0].shape[0]
 
     def _scores(self, model: SpecMOSModel) -> np.ndarray:
         """Scores of the validation clips; NaN where scoring refuses one (an all-silent clip, say)."""
@@ -148,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corpus", type=Path, default=Path("corpus_ml"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--widths", default="32,32,64,128,128,256")
+    ap.add_argument("--head-layers", type=int, help="keep this many transformer layers (the CNN is kept, frozen)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -157,7 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     teacher = load_model(args.teacher, device="cpu")
-    student = prune(teacher, [int(w) for w in args.widths.split(",")])
+    widths = cnn_widths(teacher.cfg) if args.head_layers else [int(w) for w in args.widths.split(",")]
+    if args.head_layers is not None and not 1 <= args.head_layers < teacher.cfg.layers:
+        raise SystemExit(f"error: --head-layers must be 1-{teacher.cfg.layers - 1} (the teacher has {teacher.cfg.layers})")
+    student = prune(teacher, widths, args.head_layers)
     task = ShrinkTask(teacher, student, args.corpus, args.batch_size, args.valid_clips)
     cfg = TrainConfig(out_dir=str(args.out), max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=min(50, args.steps // 10), ckpt_every=args.ckpt_every, device="cpu")
@@ -174,7 +230,7 @@ def release(args, teacher: SpecMOSModel) -> None:
     meta = {"model_version": args.model_version, "task": "shrink",
             "source": f"{teacher.identity['model']} {teacher.identity['model_version']} "
                       f"(weights sha256 {teacher.identity['model_sha256'][:12]})",
-            "cnn_widths": model.cfg.cnn_widths, "step": model.metadata.get("step"),
+            "cnn_widths": model.cfg.cnn_widths, "layers": model.cfg.layers, "step": model.metadata.get("step"),
             "valid": model.metadata.get("valid"),
             "command": " ".join(["python scripts/shrink_spec.py"] + [a for a in sys.argv[1:] if a != "--resume"])}
     folder = save_model(model, args.out / "model", meta)

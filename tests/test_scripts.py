@@ -6,7 +6,9 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
+import torch
 from typer.testing import CliRunner
 
 from msr_utmos_cli.cli import app
@@ -70,15 +72,7 @@ def test_pruning_keeps_the_strongest_filters_and_at_full_width_is_the_teacher(tm
     assert not any(p.requires_grad for p in half.transformer_pool_attn.parameters())  # the head is the teacher's
 
 
-def test_shrink_spec_trains_resumes_and_writes_a_model_utmos_scores(tmp_path):
-    import json
-
-    from msr_utmos_cli import load_model
-    from msr_utmos_cli.testing import random_model
-
-    shrink = _load_script("shrink_spec")
-    teacher = random_model(tmp_path / "t", preset="tiny-spec")
-    corpus = tmp_path / "corpus"
+def _shrink_corpus(corpus):
     (corpus / "audio").mkdir(parents=True)
     with open(corpus / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -89,6 +83,18 @@ def test_shrink_spec_trains_resumes_and_writes_a_model_utmos_scores(tmp_path):
             w.writerow([f"audio/{i}.flac", 8000 if i == 2 else sr, split])  # row 2: the manifest's rate is wrong
         sf.write(corpus / "audio" / "silent.flac", np.zeros(8000, np.float32), 16000)  # scoring refuses it
         w.writerow(["audio/silent.flac", 16000, "valid"])
+    return corpus
+
+
+def test_shrink_spec_trains_resumes_and_writes_a_model_utmos_scores(tmp_path):
+    import json
+
+    from msr_utmos_cli import load_model
+    from msr_utmos_cli.testing import random_model
+
+    shrink = _load_script("shrink_spec")
+    teacher = random_model(tmp_path / "t", preset="tiny-spec")
+    corpus = _shrink_corpus(tmp_path / "corpus")
     args = ["--teacher", str(teacher), "--corpus", str(corpus), "--out", str(tmp_path / "run"), "--widths",
             "8,8,8,8,8,16", "--batch-size", "2", "--ckpt-every", "1", "--valid-clips", "3"]
     shrink.main(args + ["--steps", "2"])
@@ -107,3 +113,31 @@ def test_shrink_spec_trains_resumes_and_writes_a_model_utmos_scores(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and sum(r["error"] != "" for r in rows) == 1
     assert all(1 <= float(r["mos"]) <= 5 for r in rows if not r["error"])
+
+
+def test_shrink_spec_head_mode_keeps_spaced_layers_and_trains_only_them(tmp_path):
+    from msr_utmos_cli import load_model
+    from msr_utmos_cli.checkpoint import save_model
+    from msr_utmos_cli.spec_model import SpecModelConfig, SpecMOSModel
+
+    shrink = _load_script("shrink_spec")
+    assert shrink.kept_layers(7, 4) == [0, 2, 4, 6] and shrink.kept_layers(3, 2) == [0, 2]
+    torch.manual_seed(0)
+    teacher = SpecMOSModel(SpecModelConfig(cnn_channels=16, dim=16, heads=2, layers=3)).eval()
+    layers = lambda m: m.transformer_pool_attn.transformer.transformer_encoder.layers  # noqa: E731
+    student = shrink.prune(teacher, [16] * 6, head_layers=2)
+    assert student.cfg.layers == 2
+    for s_layer, t_layer in zip(layers(student), [layers(teacher)[0], layers(teacher)[2]]):
+        assert all(torch.equal(a, b) for a, b in zip(s_layer.state_dict().values(), t_layer.state_dict().values()))
+    t_dir = save_model(teacher, tmp_path / "t", {})
+    run = tmp_path / "run"
+    shrink.main(["--teacher", str(t_dir), "--corpus", str(_shrink_corpus(tmp_path / "corpus")), "--out", str(run),
+                 "--head-layers", "2", "--batch-size", "2", "--steps", "2", "--ckpt-every", "1", "--valid-clips", "3",
+                 "--lr", "0.01"])
+    model = load_model(run / "model", device="cpu")
+    assert model.cfg.layers == 2 and model.metadata["layers"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(model.cnn.state_dict().values(), teacher.cnn.state_dict().values()))
+    assert not torch.equal(layers(model)[1].linear1.weight, layers(teacher)[2].linear1.weight)  # trained
+    assert torch.equal(model.transformer_pool_attn.pool.linear3.weight, teacher.transformer_pool_attn.pool.linear3.weight)
+    with pytest.raises(SystemExit, match="--head-layers must be 1-2"):
+        shrink.main(["--teacher", str(t_dir), "--out", str(tmp_path / "x"), "--head-layers", "3"])
