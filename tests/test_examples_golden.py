@@ -31,7 +31,7 @@ def test_examples_score_as_pinned(model, tmp_path, monkeypatch):
 
 
 def test_the_fast_model_stays_near_the_default_on_the_examples():
-    """spec-fast was trained to give the default's CNN features: its pinned scores must stay close to the default's."""
+    """spec-fast was trained to match the default: its pinned scores must stay close to the default's."""
     default = pd.read_csv(ROOT / "tests/data/examples_scores.csv").set_index("path")["mos"]
     fast = pd.read_csv(ROOT / "tests/data/examples_scores_msr-utmos-spec-fast.csv").set_index("path")["mos"]
     assert sorted(fast.index) == sorted(default.index) and len(fast) >= 7
