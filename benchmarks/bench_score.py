@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import soundfile as sf
 import torch
 import torchaudio
@@ -120,8 +121,6 @@ def child(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    import pandas as pd
-
     mos = pd.read_csv(out).set_index("path")["mos"].sort_index()
     return {"wall": statistics.median(times), "peak_mib": peak, "fill": rows[0] / max(rows[1], 1),
             "scored": summary["scored"], "mos": mos.tolist()}
@@ -164,8 +163,8 @@ def batch_table(args) -> None:
     print(f"\nmachine: {describe_machine(args.devices)}; torch {torch.__version__}; median of {args.repeats} "
           f"rounds, each after a warm-up; {args.files} files ({args.base_files} for base); "
           f"{lo:g}-{hi:g} s at {args.rates} Hz")
-    print("max |d|: the largest score difference from the same model on the CPU at batch 1 (first config listed); "
-          "repeat: whether every round gave bitwise the same scores")
+    print("max |d|: the largest score difference from the same model's first configuration listed (list cpu and "
+          "batch 1 first); repeat: whether every round gave bitwise the same scores")
     print("| model | device | precision | workers | batch | audio s | wall s | audio s / s | vs batch 1 | "
           "peak MiB | fill | max \\|d\\| | repeat |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -180,11 +180,16 @@ class PoolHead(nn.Module):
         self.pool.linear3 = nn.Linear(cfg.dim, 1)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.hidden_and_score(feats)[1]
+
+    def hidden_and_score(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Also the normed last hidden states, which a shallower head is taught to give:
+        (B, N, C) -> (B, N, D), (B,) in [0, 1]."""
         x = self.norm_input(feats.transpose(1, 2)).transpose(1, 2)
         x = self.norm_trans(self.transformer(x).transpose(1, 2)).transpose(1, 2)
         p = self.pool
         att = torch.softmax(p.linear2(torch.relu(p.linear1(x))).transpose(1, 2), dim=2)  # (B, 1, N)
-        return torch.sigmoid(p.linear3(torch.bmm(att, x)[:, 0])[:, 0])
+        return x, torch.sigmoid(p.linear3(torch.bmm(att, x)[:, 0])[:, 0])
 
 
 class SpecMOSModel(nn.Module):

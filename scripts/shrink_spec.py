@@ -78,15 +78,6 @@ def prune(teacher: SpecMOSModel, widths: list[int], head_layers: int | None = No
     return student.eval()
 
 
-def hidden_and_score(head, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """PoolHead.forward, also returning the normed last hidden states: (B, N, C) -> (B, N, D), (B,) on 1-5."""
-    x = head.norm_input(feats.transpose(1, 2)).transpose(1, 2)
-    x = head.norm_trans(head.transformer(x).transpose(1, 2)).transpose(1, 2)
-    p = head.pool
-    att = torch.softmax(p.linear2(torch.relu(p.linear1(x))).transpose(1, 2), dim=2)  # (B, 1, N)
-    return x, 1 + 4 * torch.sigmoid(p.linear3(torch.bmm(att, x)[:, 0])[:, 0])
-
-
 class ShrinkTask:
     """fit's task. CNN mode: the student's CNN is the model; the loss is the normed-feature MSE to the
     teacher's CNN. Head mode (a shallower student head): its transformer layers are the model; the loss
@@ -149,10 +140,10 @@ class ShrinkTask:
         if self.head_mode:
             with torch.no_grad():
                 feats = self.student.cnn(sfi_stft(x, int(sr), 2 * self.student.cfg.crop_frames, self.student.cfg))
-                hidden_t, score_t = hidden_and_score(self.teacher.transformer_pool_attn, feats)
-            hidden, score = hidden_and_score(self.student.transformer_pool_attn, feats)
+                hidden_t, score_t = self.teacher.transformer_pool_attn.hidden_and_score(feats)
+            hidden, score = self.student.transformer_pool_attn.hidden_and_score(feats)
             mse = torch.nn.functional.mse_loss
-            return mse(hidden, hidden_t) + mse(score, score_t), {}
+            return mse(hidden, hidden_t) + mse(4 * score, 4 * score_t), {}  # scores on the 1-5 scale
         frames = int(SEG_S * self.student.cfg.frames_per_s)
         spec = sfi_stft(x, int(sr), frames, self.student.cfg)  # (B, 2, K, M)
         with torch.no_grad():
