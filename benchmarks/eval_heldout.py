@@ -62,22 +62,19 @@ def dnsmos_scores(paths: list[Path], cache_path: Path) -> list[float]:
     keys = [f"{p.resolve()}|{p.stat().st_mtime_ns}" for p in paths]
     todo = [i for i, k in enumerate(keys) if k not in cache]
     if todo:
+        from msr_utmos_cli.training.teachers import DNSMOSTeacher
+
+        dns = DNSMOSTeacher()
         for i in todo:
-            cache[keys[i]] = dnsmos_array(*load(paths[i]))
+            cache[keys[i]] = peer_array(dns, *load(paths[i]))
         tmp = cache_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"peer": tag, "scores": cache}))
         tmp.replace(cache_path)
     return [cache[k] for k in keys]
 
 
-def dnsmos_array(wave: torch.Tensor, sr: int) -> float:
-    from speechmos import dnsmos
-
-    x = resample(wave, sr, 16000).numpy().astype(np.float32)
-    return float(dnsmos.run(np.clip(x, -1, 1), 16000)["p808_mos"])
-
-
-def distillmos_array(teacher, wave: torch.Tensor, sr: int) -> float:
+def peer_array(teacher, wave: torch.Tensor, sr: int) -> float:
+    """A 16 kHz peer's MOS of one clip, resampled to 16 kHz as its own users would."""
     x = resample(wave, sr, 16000)[None]
     return float(teacher(x, torch.tensor([x.shape[1]]))["mos"][0])
 
@@ -222,7 +219,7 @@ def main() -> None:
         from msr_utmos_cli.training.teachers import DistillMOSTeacher
 
         dm = DistillMOSTeacher().eval()
-        funcs["distillmos"] = lambda w, sr: distillmos_array(dm, w, sr)
+        funcs["distillmos"] = lambda w, sr: peer_array(dm, w, sr)
     with torch.inference_mode():
         robust = level_and_silence(funcs, clean)
     res = {"model": str(args.model), "corpus": str(args.corpus), "n_clips": len(rows),

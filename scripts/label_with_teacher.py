@@ -1,6 +1,7 @@
 """Label audio with a teacher's MOS once, so distillation on a CPU does not rerun the teacher every step.
 
     python scripts/label_with_teacher.py --manifest corpus/manifest.csv --out corpus/teacher_distillmos.csv
+    python scripts/label_with_teacher.py --manifest corpus/manifest.csv --teacher dnsmos --out corpus/teacher_dnsmos.csv
 
 The teacher hears each whole clip resampled to 16 kHz (torchaudio), as its own users would
 feed it. Rows already in --out are kept (the job can be stopped and restarted).
@@ -62,6 +63,8 @@ def main() -> None:
     # Similar lengths share a batch, so little time goes into padding.
     todo = [r["path"] for r in sorted(rows, key=lambda r: float(r["duration_s"])) if r["path"] not in done]
     teacher = load_teacher(args.teacher)
+    if args.features and args.teacher == "dnsmos":
+        sys.exit("error: --features: the DNSMOS teacher gives scores only, no per-frame features")
     new = not os.path.exists(args.out) or os.path.getsize(args.out) == 0
     t0 = time.perf_counter()
     with open(args.out, "a", newline="") as f:

@@ -82,3 +82,31 @@ def test_distillmos_scores_do_not_depend_on_batch_neighbours():
     batch = torch.nn.utils.rnn.pad_sequence([short, long], batch_first=True)
     together = teacher(batch, torch.tensor([short.shape[0], long.shape[0]]))["mos"]
     assert torch.allclose(together, torch.cat(alone), atol=1e-5)
+
+
+def test_dnsmos_teacher_gives_speechmos_p808_exactly_and_ignores_its_neighbours():
+    import numpy as np
+    from speechmos import dnsmos
+
+    from msr_utmos_cli.testing import speechlike
+
+    teacher = load_teacher("dnsmos")
+    waves = [torch.from_numpy(speechlike(16000, s, seed=i)) for i, s in enumerate((2.0, 9.3, 12.5))]
+    alone = [float(teacher(w[None])["mos"][0]) for w in waves]
+    for w, mos in zip(waves, alone):  # its speechmos reference: run(), SIG/BAK/OVRL network and all
+        assert np.float32(mos) == dnsmos.run(w.numpy(), 16000)["p808_mos"]
+    batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+    out = teacher(batch, torch.tensor([len(w) for w in waves]))
+    assert out["mos"].tolist() == alone and out["layers"] == []
+    assert len(set(alone)) == 3 and all(1 <= m <= 5 for m in alone)
+
+
+@pytest.mark.parametrize("teacher, package", [("dnsmos", "speechmos"), ("distillmos", "distillmos")])
+def test_a_teacher_whose_package_is_missing_names_the_extra_in_one_line(monkeypatch, teacher, package):
+    import sys
+
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
+    with pytest.raises(TeacherError, match=rf"needs `pip install 'msr-utmos\[{teacher}\]'`"):
+        load_teacher(teacher)

@@ -8,12 +8,14 @@ without gradients, in eval mode. For wav2vec2, `layers[0]` is the CNN output and
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torchaudio.models import wav2vec2_model
@@ -212,6 +214,14 @@ def load_wav2vec2(source: str, params: dict | None = None) -> Wav2Vec2Teacher:
     return load_hf_dir(folder, name=source)
 
 
+def import_extra(module: str, extra: str, teacher: str):
+    """A teacher's package, or a one-line TeacherError naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise TeacherError(f"the {teacher} teacher needs `pip install 'msr-utmos[{extra}]'` ({e})") from None
+
+
 # --- DistillMOS ---------------------------------------------------------------------------
 class DistillMOSTeacher(Teacher):
     """DistillMOS (a 16 kHz speech-quality MOS predictor) with its per-frame features exposed.
@@ -224,11 +234,7 @@ class DistillMOSTeacher(Teacher):
 
     def __init__(self):
         super().__init__()
-        try:
-            from distillmos import sqa
-        except ImportError as e:
-            raise TeacherError(f"the DistillMOS teacher needs `pip install 'msr-utmos[distillmos]'` ({e})") from None
-        self.sqa = sqa
+        self.sqa = sqa = import_extra("distillmos.sqa", "distillmos", "DistillMOS")
         with contextlib.redirect_stdout(io.StringIO()):  # it prints where it loaded from
             self.model = sqa.ConvTransformerSQAModel(load_weights=True, segmenting_in_forward=False)
         self.freeze()
@@ -260,12 +266,51 @@ class DistillMOSTeacher(Teacher):
         return {"layers": [cnn[first], h[first]], "lengths": frames, "mos": 1 + 4 * q}
 
 
+# --- DNSMOS P.808 -------------------------------------------------------------------------
+class DNSMOSTeacher(Teacher):
+    """DNSMOS P.808 (speechmos' ONNX model), a second 16 kHz judge: scores only, no features.
+
+    Its errors differ from DistillMOS's (it orders noise and reverberation better, codecs worse), so
+    a blend of the two ranks known degradation ladders better than either (docs/experiments.md).
+    speechmos' `run` also runs its SIG/BAK/OVRL network, 9x the P.808 cost; this runs P.808 alone,
+    on speechmos' own segments (the clip repeated to 9.01 s, 9.01 s windows 1 s apart), and gives
+    `run(...)["p808_mos"]` exactly (tests/test_teachers.py).
+    """
+
+    name, has_mos = "dnsmos", True
+
+    def __init__(self):
+        super().__init__()
+        self.lib = dnsmos = import_extra("speechmos.dnsmos", "dnsmos", "DNSMOS")
+        if dnsmos.dnsmos is None:  # speechmos builds its sessions on the first run()
+            dnsmos.run(np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE)
+
+    def p808(self, x: np.ndarray) -> float:
+        """(T,) float32 at 16 kHz in [-1, 1] -> P.808 MOS."""
+        n = int(self.lib.INPUT_LENGTH * SAMPLE_RATE)
+        while len(x) < n:
+            x = np.append(x, x)
+        judge, scores = self.lib.dnsmos, []
+        for i in range(int(np.floor(len(x) / SAMPLE_RATE) - self.lib.INPUT_LENGTH) + 1):
+            seg = x[i * SAMPLE_RATE: i * SAMPLE_RATE + n]
+            if len(seg) == n:
+                mel = np.asarray(judge.audio_melspec(audio=seg[:-160]), np.float32)[None]
+                scores.append(judge.p808_onnx_sess.run(None, {"input_1": mel})[0][0][0])
+        return float(np.mean(scores))
+
+    def _forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> dict:
+        mos = [self.p808(x[:int(n)].clamp(-1, 1).cpu().numpy()) for x, n in zip(wave, lengths)]
+        return {"layers": [], "lengths": lengths, "mos": torch.tensor(mos, dtype=torch.float32)}
+
+
 def load_teacher(source: str, kind: str = "auto") -> Teacher:
-    """`distillmos`, or a wav2vec2-family model (local HF folder, torchaudio file, or hub id)."""
+    """`distillmos`, `dnsmos`, or a wav2vec2-family model (local HF folder, torchaudio file, or hub id)."""
     if kind == "auto":
-        kind = "distillmos" if source == "distillmos" else "wav2vec2"
+        kind = source if source in ("distillmos", "dnsmos") else "wav2vec2"
     if kind == "distillmos":
         return DistillMOSTeacher()
+    if kind == "dnsmos":
+        return DNSMOSTeacher()
     if kind == "wav2vec2":
         return load_wav2vec2(source)
-    raise TeacherError(f"teacher kind must be auto, wav2vec2 or distillmos, got {kind!r}")
+    raise TeacherError(f"teacher kind must be auto, wav2vec2, distillmos or dnsmos, got {kind!r}")
