@@ -99,6 +99,8 @@ def test_dnsmos_teacher_gives_speechmos_p808_exactly_and_ignores_its_neighbours(
     out = teacher(batch, torch.tensor([len(w) for w in waves]))
     assert out["mos"].tolist() == alone and out["layers"] == []
     assert len(set(alone)) == 3 and all(1 <= m <= 5 for m in alone)
+    with pytest.raises(ValueError, match="empty audio"):
+        teacher.p808(np.zeros(0, np.float32))
 
 
 @pytest.mark.parametrize("teacher, package", [("dnsmos", "speechmos"), ("distillmos", "distillmos")])

@@ -287,6 +287,8 @@ class DNSMOSTeacher(Teacher):
 
     def p808(self, x: np.ndarray) -> float:
         """(T,) float32 at 16 kHz in [-1, 1] -> P.808 MOS."""
+        if not len(x):  # speechmos would loop forever doubling it
+            raise ValueError("DNSMOS: empty audio")
         n = int(self.lib.INPUT_LENGTH * SAMPLE_RATE)
         while len(x) < n:
             x = np.append(x, x)
