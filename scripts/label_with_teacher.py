@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=1, help="teacher layer kept by --features (DistillMOS: 1)")
     ap.add_argument("--hear-at", type=int, default=None, help="band-limit each clip to this rate first (see above)")
     args = ap.parse_args()
+    if args.features and args.teacher == "dnsmos":  # before reading shards or loading any teacher
+        sys.exit("error: --features: the DNSMOS teacher gives scores only, no per-frame features")
     root = Path(args.manifest).parent
     rows = list(csv.DictReader(open(args.manifest, newline="")))
     if args.splits:
@@ -63,8 +65,6 @@ def main() -> None:
     # Similar lengths share a batch, so little time goes into padding.
     todo = [r["path"] for r in sorted(rows, key=lambda r: float(r["duration_s"])) if r["path"] not in done]
     teacher = load_teacher(args.teacher)
-    if args.features and args.teacher == "dnsmos":
-        sys.exit("error: --features: the DNSMOS teacher gives scores only, no per-frame features")
     new = not os.path.exists(args.out) or os.path.getsize(args.out) == 0
     t0 = time.perf_counter()
     with open(args.out, "a", newline="") as f:
