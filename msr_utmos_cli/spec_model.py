@@ -34,6 +34,9 @@ class SpecModelConfig(SavedConfig):
     bins: int = 161  # 0 ... 8 kHz
     compress: float = 0.3  # |X|^0.3 with the phase kept
     floor_db: float | None = -70.0  # the empty top band (no bin above it reaches this, re a full-scale sine) is zeroed
+    # ... or, in frames with audio, filled with a fixed pseudo-noise this far below a full-scale sine: a band
+    # emptied exactly, as a file's Nyquist or a codec's cut-off leaves it, is nothing DistillMOS ever heard.
+    empty_band_db: float | None = None
     cnn_layers: int = 6
     cnn_channels: int = 256
     cnn_widths: list[int] | None = None  # channels per CNN layer; None: DistillMOS's 64, 64, 128, 256, ...
@@ -116,8 +119,25 @@ def _sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig) -> to
         full = 16000 * cfg.window_hops / cfg.frames_per_s / 4
         live = mag.amax(dim=1) >= full * 10 ** (cfg.floor_db / 20)  # (B, K): bins with content in the crop
         top = torch.where(live, torch.arange(cfg.bins, device=x.device), -1).amax(dim=1, keepdim=True)  # (B, 1)
-        gain = gain * (torch.arange(cfg.bins, device=x.device) <= top)[:, None, :]  # empty top band -> 0
+        empty = torch.arange(cfg.bins, device=x.device) > top  # (B, K)
+        gain = gain * ~empty[:, None, :]  # empty top band -> 0
+        if cfg.empty_band_db is not None:
+            heard = (mag > 1e-12).any(dim=2, keepdim=True)  # (B, M, 1): frames with audio; padding stays 0
+            fill = band_fill(cfg.bins, frames, cfg.empty_band_db, cfg.compress, full).to(x.device)  # (2, M, K)
+            where = empty[:, None, :] & heard  # (B, M, K)
+            return torch.stack([torch.where(where, fill[0], re * gain), torch.where(where, fill[1], im * gain)],
+                               dim=1).transpose(2, 3)
     return torch.stack([re * gain, im * gain], dim=1).transpose(2, 3)  # (B, M, K) x2 -> (B, 2, K, M)
+
+
+@lru_cache(maxsize=8)
+def band_fill(bins: int, frames: int, level_db: float, compress: float, full: float) -> torch.Tensor:
+    """The empty band's fixed pseudo-noise, compressed as the spectrum is: (2, frames, bins) float32.
+    Frame m is the same at every rate, crop and device: seeded on the CPU, drawn frame after frame, so a
+    shorter run's frames are a longer one's first."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(max(frames, 768), 2, bins, generator=g, dtype=torch.float64)[:frames].transpose(0, 1)
+    return (noise * (full * 10 ** (level_db / 20)) ** compress / math.sqrt(2)).float()
 
 
 # --- the network (DistillMOS's layout, parameter names kept) ------------------------------------

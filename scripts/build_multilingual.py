@@ -256,6 +256,8 @@ def plan_clips(u: dict, sr: int, seed: int, codecs: list[str]) -> list[dict]:
         clips = [(split, "clean", 0, int(rng.choice(bc.RATES)))] if rng.random() < 0.3 else []
         while len(clips) < TRAIN_VARIANTS:
             kind, sev = opts[int(rng.integers(len(opts)))]
+            if any(c[1:3] == (kind, sev) for c in clips):  # one file per recipe: a repeat would overwrite it
+                continue
             clips.append((split, kind, sev, int(rng.choice(bc.RATES))))
     return [{"split": s, "kind": k, "sev": v, "rate": r, "seed": int(rng.integers(2**31))} for s, k, v, r in clips]
 

@@ -40,6 +40,17 @@ def test_no_reserved_language_and_every_held_language_or_speaker_is_held(plan):
     assert {lang_of(u["language"]) for u in plan if u["held"]} >= {"de", "nl", "hu"}  # real KLettres speakers too
 
 
+def test_no_utterance_draws_one_training_recipe_twice(plan):
+    """Two draws of one recipe named one file: the second overwrote the first and the manifest listed
+    the path twice (63 paths in the seed-0 corpus before this was fixed)."""
+    codecs = list(ml.bc.CODECS)
+    train = [u for u in plan if not u["held"]]
+    for u in train[::7]:
+        clips = ml.plan_clips(u, 16000, 0, codecs)
+        recipes = [(c["kind"], c["sev"]) for c in clips]
+        assert len(recipes) == len(set(recipes)) == ml.TRAIN_VARIANTS, u["utt_id"]
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("ml")

@@ -15,7 +15,7 @@ from msr_utmos_cli.audio import resample
 from msr_utmos_cli.checkpoint import CONFIG
 from msr_utmos_cli.cli import app
 from msr_utmos_cli.scoring import score_waveforms
-from msr_utmos_cli.spec_model import SpecModelConfig, SpecMOSModel, frame_starts, sfi_stft, tiny_spec
+from msr_utmos_cli.spec_model import SpecModelConfig, SpecMOSModel, band_fill, frame_starts, sfi_stft, tiny_spec
 from msr_utmos_cli.testing import random_model, speechlike
 
 RAW = SpecModelConfig(floor_db=None)  # the bare transform, no band-edge gate
@@ -67,6 +67,41 @@ def test_the_empty_top_band_is_zero_at_every_rate_and_a_full_band_keeps_it():
     assert torch.all(s8[:, :, 80:] == 0) and torch.all(s48[:, :, 80:] == 0)
     full = sfi_stft(torch.from_numpy(speechlike(16000, 1.0, seed=3))[None], 16000, 100, cfg)
     assert full[:, :, 150:].abs().amax() > 0.1
+
+
+def test_the_empty_band_fill_is_one_fixed_floor_in_frames_with_audio_at_every_rate():
+    cfg = SpecModelConfig(empty_band_db=-100.0)
+    t = torch.arange(48000, dtype=torch.float64) / 48000
+    fade = torch.sin(np.pi * t).clamp(max=0.5) * 2  # no click at the ends: band-limited throughout
+    narrow = (fade * sum(torch.sin(2 * np.pi * 170 * k * t) / k for k in range(1, 20))).float()  # < 3.3 kHz
+    x48 = torch.cat([narrow, torch.zeros(24000)])[None]  # 0.5 s of digital zero after the audio
+    s8, s48 = (sfi_stft(resample(x48, 48000, r), r, 150, cfg) for r in (8000, 48000))
+    fill = band_fill(cfg.bins, 150, -100.0, cfg.compress, 80.0)  # (2, M, K)
+    for s in (s8, s48):
+        torch.testing.assert_close(s[0, :, 90:, :95], fill[:, :95, 90:].transpose(1, 2), rtol=0, atol=0)
+        assert torch.all(s[0, :, :, 110:] == 0)  # frames of padding stay empty, as the all-zero crop is
+    rms = fill.pow(2).sum(0).mean().sqrt()
+    assert 0.5 < rms / (80 * 1e-5) ** 0.3 < 2  # -100 dB re a full-scale sine, compressed
+    torch.testing.assert_close(band_fill(cfg.bins, 40, -100.0, 0.3, 80.0), fill[:, :40], rtol=0, atol=0)
+    full = sfi_stft(torch.from_numpy(speechlike(16000, 1.0, seed=3))[None], 16000, 100, cfg)
+    torch.testing.assert_close(full, sfi_stft(torch.from_numpy(speechlike(16000, 1.0, seed=3))[None], 16000, 100,
+                                              SpecModelConfig()), rtol=0, atol=0)  # a full band has nothing to fill
+
+
+@pytest.mark.parametrize("sr", [8000, 48000])
+def test_with_the_fill_the_cnn_on_the_audio_alone_still_equals_the_full_crop(spec_dir, sr):
+    m = load_model(spec_dir, "cpu")
+    m.cfg.empty_band_db = -100.0
+    for secs in (0.3, 3.3):
+        x = resample(torch.from_numpy(speechlike(16000, secs, seed=5)), 16000, 8000)  # nothing above 4 kHz
+        x = resample(x, 8000, sr)
+        crops = m.crops(x, sr)
+        with torch.no_grad():
+            full, fast = m.features(crops, sr), m.features(crops, sr, x.shape[0])
+        torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    m.cfg.empty_band_db = None
+    with torch.no_grad():
+        assert not torch.equal(m.features(crops, sr), full)  # the fill reached the network
 
 
 @pytest.fixture(scope="module")
