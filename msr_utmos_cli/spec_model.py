@@ -7,18 +7,18 @@ rate-bound part is the STFT. Here that STFT is defined in continuous time: every
 same 20 ms window at the same instants, and every bin the same frequency in Hz, evaluated on the
 sample grid of whatever rate the file has (bins above its Nyquist are empty, as after an
 upsampler). The network after it never sees the rate, so one set of weights scores 8-48 kHz
-without resampling, and at 16 kHz it is DistillMOS to float rounding.
+without resampling, and at 16 kHz it is DistillMOS to float rounding. The transform is in spec_stft.py.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import nn
 
 from .model import MOSModel, SavedConfig
+from .spec_stft import grid_shift, sfi_stft
 
 ARCHITECTURE = "sfi-stft-transformer"
 
@@ -37,6 +37,13 @@ class SpecModelConfig(SavedConfig):
     # ... or, in frames with audio, filled with a fixed pseudo-noise this far below a full-scale sine: a band
     # emptied exactly, as a file's Nyquist or a codec's cut-off leaves it, is nothing DistillMOS ever heard.
     empty_band_db: float | None = None
+    # A bin is live when it reaches floor_db in more than this share of the frames with audio (0: in any one).
+    band_share: float = 0.0
+    # Frame grid locked to the audio's energy centroid rather than to its first sample: the network is
+    # phase-sensitive (moving the start 0.1 ms moves DistillMOS's score by ~0.1 MOS), and the first
+    # sample above the trim threshold falls at a different sub-millisecond instant at each rate, while
+    # the centroid of a band-limited signal's energy is the same instant at every rate that holds it.
+    centroid_grid: bool = False
     cnn_layers: int = 6
     cnn_channels: int = 256
     cnn_widths: list[int] | None = None  # channels per CNN layer; None: DistillMOS's 64, 64, 128, 256, ...
@@ -59,85 +66,6 @@ class SpecModelConfig(SavedConfig):
 def tiny_spec() -> SpecModelConfig:
     """For tests: the same geometry, a few thousand parameters."""
     return SpecModelConfig(cnn_channels=16, dim=16, heads=2, layers=1)
-
-
-# --- the SFI STFT: pure DSP ------------------------------------------------------------------
-def frame_starts(fs: int, frames: int, frames_per_s: int, window_hops: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First sample of each frame and its offset from the frame's start time, in 1/(den*fs) s.
-
-    Frame m starts at m/frames_per_s - (window - hop)/2 seconds (the centred reflect padding of the
-    16 kHz STFT). Exact integer arithmetic, so long inputs do not drift. -> (M,), (M,) int64."""
-    den = 2 * frames_per_s
-    num = (2 * torch.arange(frames, dtype=torch.int64) - (window_hops - 1)) * fs  # start * fs * den
-    first = torch.div(num + den - 1, den, rounding_mode="floor")
-    return first, first * den - num
-
-
-@lru_cache(maxsize=16)
-def stft_taps(fs: int, offset: int, frames_per_s: int, window_hops: int, bin_hz: int, bins: int,
-              base_rate: int = 16000) -> torch.Tensor:
-    """Real and imaginary DFT taps of one frame whose first sample lies `offset`/(den*fs) s after its
-    start: (L, 2*bins) float32. w(t) e^{-i 2 pi f_k t} sampled at rate fs, scaled by base_rate / fs so
-    every rate gives the magnitudes of the base-rate STFT; bins above fs/2 are zero."""
-    den = 2 * frames_per_s
-    win = window_hops / frames_per_s
-    taps = math.ceil(win * fs) + 1
-    t = (offset / den + torch.arange(taps, dtype=torch.float64)) / fs  # (L,) s after the frame start
-    w = torch.where(t < win - 1e-12, 0.5 - 0.5 * torch.cos(2 * math.pi * t / win), torch.zeros_like(t))
-    f = bin_hz * torch.arange(bins, dtype=torch.float64)
-    arg = 2 * math.pi * t[:, None] * f[None, :]  # (L, K)
-    keep = (f <= fs / 2)[None, :]
-    scale = base_rate / fs
-    re, im = w[:, None] * torch.cos(arg) * keep * scale, -w[:, None] * torch.sin(arg) * keep * scale
-    return torch.cat([re, im], dim=1).float()
-
-
-def sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig) -> torch.Tensor:
-    """(B, T) at rate fs -> compressed complex spectrum (B, 2, bins, frames), as DistillMOS's input.
-    Always fp32, also under autocast: |X|^0.3 lifts bins 70 dB down to a tenth of the loudest."""
-    with torch.autocast(x.device.type, enabled=False):
-        return _sfi_stft(x.float(), fs, frames, cfg)
-
-
-def _sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig) -> torch.Tensor:
-    first, offset = frame_starts(fs, frames, cfg.frames_per_s, cfg.window_hops)
-    taps = math.ceil(cfg.window_hops / cfg.frames_per_s * fs) + 1
-    left = max(0, -int(first[0]))
-    right = max(0, int(first[-1]) + taps - x.shape[-1])
-    x = nn.functional.pad(x[:, None], (left, right), mode="reflect")[:, 0]  # reflect, as torch.stft's centre
-    idx = (first + left)[:, None] + torch.arange(taps)[None, :]  # (M, L)
-    seg = x[:, idx.to(x.device)]  # (B, M, L)
-    out = seg.new_empty(x.shape[0], frames, 2 * cfg.bins)
-    for off in offset.unique().tolist():
-        rows = (offset == off).nonzero()[:, 0].to(x.device)
-        w = stft_taps(fs, off, cfg.frames_per_s, cfg.window_hops, cfg.bin_hz, cfg.bins).to(x.device, x.dtype)
-        out[:, rows] = seg[:, rows] @ w  # (B, M_p, L) @ (L, 2K)
-    re, im = out[..., :cfg.bins], out[..., cfg.bins:]
-    mag = torch.sqrt(re ** 2 + im ** 2).clamp(min=1e-12)
-    gain = mag ** cfg.compress / mag
-    if cfg.floor_db is not None:  # a full-scale sine has |X| = base_rate * window / 4
-        full = 16000 * cfg.window_hops / cfg.frames_per_s / 4
-        live = mag.amax(dim=1) >= full * 10 ** (cfg.floor_db / 20)  # (B, K): bins with content in the crop
-        top = torch.where(live, torch.arange(cfg.bins, device=x.device), -1).amax(dim=1, keepdim=True)  # (B, 1)
-        empty = torch.arange(cfg.bins, device=x.device) > top  # (B, K)
-        gain = gain * ~empty[:, None, :]  # empty top band -> 0
-        if cfg.empty_band_db is not None:
-            heard = (mag > 1e-12).any(dim=2, keepdim=True)  # (B, M, 1): frames with audio; padding stays 0
-            fill = band_fill(cfg.bins, frames, cfg.empty_band_db, cfg.compress, full).to(x.device)  # (2, M, K)
-            where = empty[:, None, :] & heard  # (B, M, K)
-            return torch.stack([torch.where(where, fill[0], re * gain), torch.where(where, fill[1], im * gain)],
-                               dim=1).transpose(2, 3)
-    return torch.stack([re * gain, im * gain], dim=1).transpose(2, 3)  # (B, M, K) x2 -> (B, 2, K, M)
-
-
-@lru_cache(maxsize=8)
-def band_fill(bins: int, frames: int, level_db: float, compress: float, full: float) -> torch.Tensor:
-    """The empty band's fixed pseudo-noise, compressed as the spectrum is: (2, frames, bins) float32.
-    Frame m is the same at every rate, crop and device: seeded on the CPU, drawn frame after frame, so a
-    shorter run's frames are a longer one's first."""
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randn(max(frames, 768), 2, bins, generator=g, dtype=torch.float64)[:frames].transpose(0, 1)
-    return (noise * (full * 10 ** (level_db / 20)) ** compress / math.sqrt(2)).float()
 
 
 # --- the network (DistillMOS's layout, parameter names kept) ------------------------------------
@@ -231,30 +159,45 @@ class SpecMOSModel(nn.Module):
         """One STFT window (20 ms): shorter input holds no frame of speech."""
         return math.ceil(self.cfg.window_hops / self.cfg.frames_per_s * sr)
 
-    def crops(self, x: torch.Tensor, sr: int) -> torch.Tensor:
-        """(T,) -> (N, S) crops of 7.68 s: zero-padded when shorter, else at most crop_hop_s apart, each
-        peak-normalised (DistillMOS's segmenting, in seconds rather than 16 kHz samples)."""
-        size = round(self.cfg.crop_s * sr)
-        over = x.shape[0] - size
+    def crop_starts(self, n: int, sr: int) -> list[int]:
+        """First sample of each 7.68 s crop of an n-sample input: one when it fits, else at most
+        crop_hop_s apart (DistillMOS's segmenting, in seconds rather than 16 kHz samples)."""
+        over = n - round(self.cfg.crop_s * sr)
         if over <= 0:
-            out = nn.functional.pad(x, (0, -over))[None]
+            return [0]
+        count = math.ceil(over / (self.cfg.crop_hop_s * sr)) + 1
+        return [int(c * over) for c in torch.linspace(0, 1, count).tolist()]
+
+    def crops(self, x: torch.Tensor, sr: int) -> torch.Tensor:
+        """(T,) -> (N, S) crops of 7.68 s (zero-padded when shorter), each peak-normalised."""
+        size = round(self.cfg.crop_s * sr)
+        if x.shape[0] <= size:
+            out = nn.functional.pad(x, (0, size - x.shape[0]))[None]
         else:
-            n = math.ceil(over / (self.cfg.crop_hop_s * sr)) + 1
-            out = torch.stack([x[int(c * over):int(c * over) + size] for c in torch.linspace(0, 1, n).tolist()])
+            out = torch.stack([x[c:c + size] for c in self.crop_starts(x.shape[0], sr)])
         return out / (out.abs().amax(dim=1, keepdim=True) + 1e-8)
 
-    def crop_scores(self, crops: torch.Tensor, sr: int, content: int | None = None) -> torch.Tensor:
-        """(N, S) normalised crops -> MOS (N,) on 1-5. `content`: samples of real audio in a single
-        zero-padded crop, so the CNN runs only where they reach (see features)."""
-        return 1 + 4 * self.transformer_pool_attn(self.features(crops, sr, content))
+    def shifts(self, x: torch.Tensor, sr: int) -> list[int] | None:
+        """Each crop's frame-grid shift (see grid_shift), or None when the grid starts at the crop."""
+        if not self.cfg.centroid_grid:
+            return None
+        return grid_shift(x, sr, self.crop_starts(x.shape[0], sr), self.cfg.frames_per_s)
 
-    def features(self, crops: torch.Tensor, sr: int, content: int | None = None) -> torch.Tensor:
+    def crop_scores(self, crops: torch.Tensor, sr: int, content: int | None = None,
+                    shifts: list[int] | None = None) -> torch.Tensor:
+        """(N, S) normalised crops -> MOS (N,) on 1-5. `content`: samples of real audio in a single
+        zero-padded crop, so the CNN runs only where they reach (see features); `shifts`: see sfi_stft."""
+        return 1 + 4 * self.transformer_pool_attn(self.features(crops, sr, content, shifts))
+
+    def features(self, crops: torch.Tensor, sr: int, content: int | None = None,
+                 shifts: list[int] | None = None) -> torch.Tensor:
         """(N, S) crops -> CNN features (N, crop_frames, D).
 
         A short file's crop is mostly zero padding, and the CNN sees 6 STFT frames either side of an
         output, so every output past the audio's reach is that of an all-zero crop: those come from a
         cached all-zero pass and the CNN runs on the audio's frames alone (a 3 s file costs 3 s, not
-        7.68 s). The result equals the full pass to float rounding."""
+        7.68 s). The result equals the full pass to float rounding. (A grid shift only moves frames
+        later, so the reach computed without it is still enough.)"""
         frames = 2 * self.cfg.crop_frames
         reach = self.cfg.cnn_layers  # STFT frames each side that one CNN output reads
         if content is not None and crops.shape[0] == 1:
@@ -263,9 +206,9 @@ class SpecMOSModel(nn.Module):
             j0 = (zero_from + reach + 1) // 2  # first output column that reads padding alone
             run = 2 * j0 + reach + 2
             if run < frames:
-                head = self.cnn(sfi_stft(crops, sr, run, self.cfg))[:, :j0]
+                head = self.cnn(sfi_stft(crops, sr, run, self.cfg, shifts))[:, :j0]
                 return torch.cat([head, self.zero_features(crops)[:, j0:]], dim=1)
-        return self.cnn(sfi_stft(crops, sr, frames, self.cfg))
+        return self.cnn(sfi_stft(crops, sr, frames, self.cfg, shifts))
 
     def forget_zero_features(self) -> None:
         """Drop the cached all-zero crop features: call after changing the CNN's weights (training)."""
@@ -295,7 +238,8 @@ class SpecMOSModel(nn.Module):
         if fixed_shapes and wave.device.type == "cuda":
             scores = self.batched_scores([wave[b, :n] for b, n in live], sr, chunk=wave.shape[0])
         else:
-            scores = [self.crop_scores(self.crops(wave[b, :n], sr), sr, n).mean() for b, n in live]
+            scores = [self.crop_scores(self.crops(wave[b, :n], sr), sr, n, self.shifts(wave[b, :n], sr)).mean()
+                      for b, n in live]
         out = wave.new_zeros(wave.shape[0])
         if live:
             out[[b for b, _ in live]] = torch.stack(scores).to(out.dtype)
@@ -308,8 +252,13 @@ class SpecMOSModel(nn.Module):
         crops = [self.crops(x, sr) for x in waves]
         counts = [c.shape[0] for c in crops]
         flat = torch.cat(crops)  # (C, S)
-        flat = nn.functional.pad(flat, (0, 0, 0, -flat.shape[0] % chunk))
-        s = torch.cat([self.crop_scores(flat[i:i + chunk], sr) for i in range(0, flat.shape[0], chunk)])
+        pad = -flat.shape[0] % chunk
+        flat = nn.functional.pad(flat, (0, 0, 0, pad))
+        shifts = None
+        if self.cfg.centroid_grid:
+            shifts = [s for x in waves for s in self.shifts(x, sr)] + [0] * pad
+        s = torch.cat([self.crop_scores(flat[i:i + chunk], sr, shifts=shifts and shifts[i:i + chunk])
+                       for i in range(0, flat.shape[0], chunk)])
         return [part.mean() for part in s[:sum(counts)].split(counts)]
 
     def score(self, wave, sr: int, **kw) -> torch.Tensor:

@@ -33,7 +33,8 @@ import torch
 
 from msr_utmos_cli.audio import AudioError
 from msr_utmos_cli.checkpoint import load_model, save_model
-from msr_utmos_cli.spec_model import SpecMOSModel, cnn_widths, sfi_stft
+from msr_utmos_cli.spec_model import SpecMOSModel, cnn_widths
+from msr_utmos_cli.spec_stft import sfi_stft
 from msr_utmos_cli.training.checkpoints import find_checkpoint
 from msr_utmos_cli.training.train import TrainConfig, fit
 
