@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .model import MOSModel, SavedConfig
-from .spec_stft import grid_shift, sfi_stft
+from .spec_stft import sfi_stft
 
 ARCHITECTURE = "sfi-stft-transformer"
 
@@ -39,11 +39,6 @@ class SpecModelConfig(SavedConfig):
     empty_band_db: float | None = None
     # A bin is live when it reaches floor_db in more than this share of the frames with audio (0: in any one).
     band_share: float = 0.0
-    # Frame grid locked to the audio's energy centroid rather than to its first sample: the network is
-    # phase-sensitive (moving the start 0.1 ms moves DistillMOS's score by ~0.1 MOS), and the first
-    # sample above the trim threshold falls at a different sub-millisecond instant at each rate, while
-    # the centroid of a band-limited signal's energy is the same instant at every rate that holds it.
-    centroid_grid: bool = False
     cnn_layers: int = 6
     cnn_channels: int = 256
     cnn_widths: list[int] | None = None  # channels per CNN layer; None: DistillMOS's 64, 64, 128, 256, ...
@@ -177,27 +172,18 @@ class SpecMOSModel(nn.Module):
             out = torch.stack([x[c:c + size] for c in self.crop_starts(x.shape[0], sr)])
         return out / (out.abs().amax(dim=1, keepdim=True) + 1e-8)
 
-    def shifts(self, x: torch.Tensor, sr: int) -> list[int] | None:
-        """Each crop's frame-grid shift (see grid_shift), or None when the grid starts at the crop."""
-        if not self.cfg.centroid_grid:
-            return None
-        return grid_shift(x, sr, self.crop_starts(x.shape[0], sr), self.cfg.frames_per_s)
-
-    def crop_scores(self, crops: torch.Tensor, sr: int, content: int | None = None,
-                    shifts: list[int] | None = None) -> torch.Tensor:
+    def crop_scores(self, crops: torch.Tensor, sr: int, content: int | None = None) -> torch.Tensor:
         """(N, S) normalised crops -> MOS (N,) on 1-5. `content`: samples of real audio in a single
-        zero-padded crop, so the CNN runs only where they reach (see features); `shifts`: see sfi_stft."""
-        return 1 + 4 * self.transformer_pool_attn(self.features(crops, sr, content, shifts))
+        zero-padded crop, so the CNN runs only where they reach (see features)."""
+        return 1 + 4 * self.transformer_pool_attn(self.features(crops, sr, content))
 
-    def features(self, crops: torch.Tensor, sr: int, content: int | None = None,
-                 shifts: list[int] | None = None) -> torch.Tensor:
+    def features(self, crops: torch.Tensor, sr: int, content: int | None = None) -> torch.Tensor:
         """(N, S) crops -> CNN features (N, crop_frames, D).
 
         A short file's crop is mostly zero padding, and the CNN sees 6 STFT frames either side of an
         output, so every output past the audio's reach is that of an all-zero crop: those come from a
         cached all-zero pass and the CNN runs on the audio's frames alone (a 3 s file costs 3 s, not
-        7.68 s). The result equals the full pass to float rounding. (A grid shift only moves frames
-        later, so the reach computed without it is still enough.)"""
+        7.68 s). The result equals the full pass to float rounding."""
         frames = 2 * self.cfg.crop_frames
         reach = self.cfg.cnn_layers  # STFT frames each side that one CNN output reads
         if content is not None and crops.shape[0] == 1:
@@ -206,9 +192,9 @@ class SpecMOSModel(nn.Module):
             j0 = (zero_from + reach + 1) // 2  # first output column that reads padding alone
             run = 2 * j0 + reach + 2
             if run < frames:
-                head = self.cnn(sfi_stft(crops, sr, run, self.cfg, shifts))[:, :j0]
+                head = self.cnn(sfi_stft(crops, sr, run, self.cfg))[:, :j0]
                 return torch.cat([head, self.zero_features(crops)[:, j0:]], dim=1)
-        return self.cnn(sfi_stft(crops, sr, frames, self.cfg, shifts))
+        return self.cnn(sfi_stft(crops, sr, frames, self.cfg))
 
     def forget_zero_features(self) -> None:
         """Drop the cached all-zero crop features: call after changing the CNN's weights (training)."""
@@ -238,8 +224,7 @@ class SpecMOSModel(nn.Module):
         if fixed_shapes and wave.device.type == "cuda":
             scores = self.batched_scores([wave[b, :n] for b, n in live], sr, chunk=wave.shape[0])
         else:
-            scores = [self.crop_scores(self.crops(wave[b, :n], sr), sr, n, self.shifts(wave[b, :n], sr)).mean()
-                      for b, n in live]
+            scores = [self.crop_scores(self.crops(wave[b, :n], sr), sr, n).mean() for b, n in live]
         out = wave.new_zeros(wave.shape[0])
         if live:
             out[[b for b, _ in live]] = torch.stack(scores).to(out.dtype)
@@ -252,13 +237,8 @@ class SpecMOSModel(nn.Module):
         crops = [self.crops(x, sr) for x in waves]
         counts = [c.shape[0] for c in crops]
         flat = torch.cat(crops)  # (C, S)
-        pad = -flat.shape[0] % chunk
-        flat = nn.functional.pad(flat, (0, 0, 0, pad))
-        shifts = None
-        if self.cfg.centroid_grid:
-            shifts = [s for x in waves for s in self.shifts(x, sr)] + [0] * pad
-        s = torch.cat([self.crop_scores(flat[i:i + chunk], sr, shifts=shifts and shifts[i:i + chunk])
-                       for i in range(0, flat.shape[0], chunk)])
+        flat = nn.functional.pad(flat, (0, 0, 0, -flat.shape[0] % chunk))
+        s = torch.cat([self.crop_scores(flat[i:i + chunk], sr) for i in range(0, flat.shape[0], chunk)])
         return [part.mean() for part in s[:sum(counts)].split(counts)]
 
     def score(self, wave, sr: int, **kw) -> torch.Tensor:

@@ -16,15 +16,13 @@ if TYPE_CHECKING:
     from .spec_model import SpecModelConfig
 
 
-def frame_starts(fs: int, frames: int, frames_per_s: int, window_hops: int,
-                 shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def frame_starts(fs: int, frames: int, frames_per_s: int, window_hops: int) -> tuple[torch.Tensor, torch.Tensor]:
     """First sample of each frame and its offset from the frame's start time, in 1/(den*fs) s.
 
     Frame m starts at m/frames_per_s - (window - hop)/2 seconds (the centred reflect padding of the
-    16 kHz STFT), plus `shift` units of 1/(den*fs) s. Exact integer arithmetic, so long inputs do not
-    drift. -> (M,), (M,) int64."""
+    16 kHz STFT). Exact integer arithmetic, so long inputs do not drift. -> (M,), (M,) int64."""
     den = 2 * frames_per_s
-    num = (2 * torch.arange(frames, dtype=torch.int64) - (window_hops - 1)) * fs + shift  # start * fs * den
+    num = (2 * torch.arange(frames, dtype=torch.int64) - (window_hops - 1)) * fs  # start * fs * den
     first = torch.div(num + den - 1, den, rounding_mode="floor")
     return first, first * den - num
 
@@ -48,55 +46,15 @@ def stft_taps(fs: int, offset: int, frames_per_s: int, window_hops: int, bin_hz:
     return torch.cat([re, im], dim=1).float()
 
 
-def sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig,
-             shifts: list[int] | None = None) -> torch.Tensor:
+def sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig) -> torch.Tensor:
     """(B, T) at rate fs -> compressed complex spectrum (B, 2, bins, frames), as DistillMOS's input.
-    `shifts`: each row's frames start this many 1/(2*frames_per_s*fs) s later (see grid_shift).
     Always fp32, also under autocast: |X|^0.3 lifts bins 70 dB down to a tenth of the loudest."""
     with torch.autocast(x.device.type, enabled=False):
-        x = x.float()
-        if shifts is None or len(set(shifts)) == 1:
-            return _sfi_stft(x, fs, frames, cfg, shifts[0] if shifts else 0)
-        return torch.cat([_sfi_stft(x[b:b + 1], fs, frames, cfg, s) for b, s in enumerate(shifts)])
+        return _sfi_stft(x.float(), fs, frames, cfg)
 
 
-@lru_cache(maxsize=16)
-def centroid_lowpass(sr: int, cutoff_hz: float = 3000.0, half_s: float = 0.004) -> torch.Tensor:
-    """A zero-phase low-pass defined in continuous time (Hann-windowed sinc, -6 dB at cutoff_hz, 4 ms
-    either side, nothing past ~3.5 kHz) sampled at sr: the same filter in Hz at every rate. (2J+1,)"""
-    j = math.floor(half_s * sr)
-    t = torch.arange(-j, j + 1, dtype=torch.float64) / sr
-    return (2 * cutoff_hz / sr * torch.sinc(2 * cutoff_hz * t) * (0.5 + 0.5 * torch.cos(math.pi * t / half_s))).float()
-
-
-def energy_centroid(x: torch.Tensor, sr: int) -> float:
-    """The instant (in samples of x (T,)) at the centre of mass of its energy below ~3.5 kHz, a band every
-    rate from 8 kHz holds. That band's square has nothing at or above 8 kHz, so its samples every
-    sr // 8000 (>= 8 kHz apart) sum to its integral exactly: the same instant of the content at every
-    rate, to float rounding, whatever lies above 4 kHz."""
-    h = centroid_lowpass(sr).to(x.device)
-    j, stride = (h.shape[0] - 1) // 2, max(1, sr // 8000)
-    y = nn.functional.conv1d(nn.functional.pad(x.float()[None, None], (2 * j, 2 * j)), h[None, None], stride=stride)
-    e = y[0, 0].double() ** 2  # y[k]: the low band at sample k * stride - j
-    if float(e.sum()) <= 0:  # nothing below 3.5 kHz: the whole band's centroid
-        e, stride, j = x.double() ** 2, 1, 0
-    total = float(e.sum())
-    if total <= 0:
-        return 0.0
-    return float((e * (torch.arange(e.shape[0], dtype=torch.float64, device=e.device) * stride - j)).sum()) / total
-
-
-def grid_shift(x: torch.Tensor, sr: int, starts: list[int], frames_per_s: int) -> list[int]:
-    """How far each crop's frame grid moves, in 1/(2*frames_per_s*sr) s and within one transformer step
-    (2 hops), so that its frames lie whole steps from the energy centroid of x (T,), wherever the crop
-    (first sample `starts`) begins."""
-    centre = energy_centroid(x, sr)
-    den, step = 2 * frames_per_s, 4 * sr  # units per sample, units per transformer step (2 hops)
-    return [round((centre - c) * den) % step for c in starts]
-
-
-def _sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig, shift: int = 0) -> torch.Tensor:
-    first, offset = frame_starts(fs, frames, cfg.frames_per_s, cfg.window_hops, shift)
+def _sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig) -> torch.Tensor:
+    first, offset = frame_starts(fs, frames, cfg.frames_per_s, cfg.window_hops)
     taps = math.ceil(cfg.window_hops / cfg.frames_per_s * fs) + 1
     left = max(0, -int(first[0]))
     right = max(0, int(first[-1]) + taps - x.shape[-1])
@@ -120,12 +78,13 @@ def _sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig, shift
         else:
             live = above.any(dim=1)  # (B, K): bins with content in the crop
         top = torch.where(live, torch.arange(cfg.bins, device=x.device), -1).amax(dim=1, keepdim=True)  # (B, 1)
-        empty = torch.arange(cfg.bins, device=x.device) > top  # (B, K)
-        gain = gain * ~empty[:, None, :]  # empty top band -> 0
+        # the empty top band, in each frame where it is below the floor (a click's own frame keeps its content)
+        empty = (torch.arange(cfg.bins, device=x.device) > top)[:, None, :] & ~above  # (B, M, K)
+        gain = gain * ~empty  # -> 0
         if cfg.empty_band_db is not None:
             heard = (mag > 1e-12).any(dim=2, keepdim=True)  # (B, M, 1): frames with audio; padding stays 0
             fill = band_fill(cfg.bins, frames, cfg.empty_band_db, cfg.compress, full).to(x.device)  # (2, M, K)
-            where = empty[:, None, :] & heard  # (B, M, K)
+            where = empty & heard  # (B, M, K)
             return torch.stack([torch.where(where, fill[0], re * gain), torch.where(where, fill[1], im * gain)],
                                dim=1).transpose(2, 3)
     return torch.stack([re * gain, im * gain], dim=1).transpose(2, 3)  # (B, M, K) x2 -> (B, 2, K, M)

@@ -16,7 +16,7 @@ from msr_utmos_cli.checkpoint import CONFIG
 from msr_utmos_cli.cli import app
 from msr_utmos_cli.scoring import score_waveforms
 from msr_utmos_cli.spec_model import SpecModelConfig, SpecMOSModel, tiny_spec
-from msr_utmos_cli.spec_stft import band_fill, frame_starts, grid_shift, sfi_stft
+from msr_utmos_cli.spec_stft import band_fill, frame_starts, sfi_stft
 from msr_utmos_cli.testing import random_model, speechlike
 
 RAW = SpecModelConfig(floor_db=None)  # the bare transform, no band-edge gate
@@ -59,41 +59,6 @@ def test_frames_sit_at_the_same_instants_at_rates_with_fractional_hops():
         assert len(offset.unique()) == phases
 
 
-def test_the_centroid_grid_puts_frames_on_the_same_instants_of_the_content_at_every_rate():
-    """The same content below 3.4 kHz at 16 and 48 kHz, cut 3 samples in (187.5 and 62.5 us): framed
-    from each cut's first sample the two grids are 125 us apart; framed from the energy centroid
-    they match (to within whole transformer steps), wherever the cuts fall. The clip
-    fades in and out over 50 ms, as speech cut at 40 dB below its peak does."""
-    x48 = torch.from_numpy(speechlike(48000, 1.5, seed=7, bandwidth=3400))
-    ramp = torch.linspace(0, 1, 2400)
-    x48[:2400], x48[-2400:] = x48[:2400] * ramp, x48[-2400:] * ramp.flip(0)
-    x16 = resample(x48, 48000, 16000)[3:]
-    x48 = x48[3:]
-
-    def spec(x, sr, centroid):
-        shifts = grid_shift(x, sr, [0], RAW.frames_per_s) if centroid else None
-        return sfi_stft(x[None], sr, 140, RAW, shifts)[0, :, :60]  # bins up to 3 kHz
-
-    def mismatch(centroid):
-        a, b = spec(x16, 16000, centroid), spec(x48, 48000, centroid)
-        return min(float((a[..., 10:120] - b[..., 10 + d:120 + d]).abs().max() / a.abs().max()) for d in (-2, 0, 2))
-
-    assert mismatch(True) < 0.005
-    assert mismatch(False) > 0.5  # what the grid at the first sample gives: the test can tell them apart
-
-
-def test_the_centroid_grid_moves_with_the_content_and_every_crop_keeps_it():
-    sr, den = 11025, 2 * RAW.frames_per_s
-    step = 4 * sr  # one transformer step (2 hops) in 1/(den*sr) s
-    x = torch.from_numpy(speechlike(sr, 9.0, seed=8))
-    base = grid_shift(x, sr, [0], RAW.frames_per_s)[0]
-    for k in (1, 3, 50, 333):  # k samples of silence in front: the grid moves k samples later
-        moved = grid_shift(torch.cat([torch.zeros(k), x]), sr, [0], RAW.frames_per_s)[0]
-        assert (moved - k * den - base) % step in (0, 1, step - 1)
-    starts = [0, 5000, 17003]  # crops of a long file start anywhere; their frames keep the same instants
-    assert len({(c * den + s) % step for c, s in zip(starts, grid_shift(x, sr, starts, RAW.frames_per_s))}) == 1
-
-
 def test_the_empty_top_band_is_zero_at_every_rate_and_a_full_band_keeps_it():
     cfg = SpecModelConfig()
     t = torch.arange(48000, dtype=torch.float64) / 48000
@@ -127,7 +92,7 @@ def test_the_empty_band_fill_is_one_fixed_floor_in_frames_with_audio_at_every_ra
 def test_with_band_share_one_click_does_not_make_the_empty_band_live():
     """A narrowband clip with one full-band click: under the any-frame rule the click's frame makes
     the whole band live (nothing is zeroed); with band_share the band stays empty in every frame but
-    the click's own, and a band that is live throughout is still kept."""
+    the click's own, which keeps its content, and a band that is live throughout is still kept."""
     t = torch.arange(48000, dtype=torch.float64) / 48000
     fade = torch.sin(np.pi * t).clamp(max=0.5) * 2
     narrow = (fade * sum(torch.sin(2 * np.pi * 170 * k * t) / k for k in range(1, 20))).float()  # < 3.3 kHz
@@ -138,6 +103,8 @@ def test_with_band_share_one_click_does_not_make_the_empty_band_live():
     assert s_any[:, :, 120:].abs().amax() > 0  # the click's frames opened the top band
     quiet = [m for m in range(100) if not 46 <= m <= 52]  # frames away from the click
     assert torch.all(s_share[:, :, 80:, quiet] == 0)
+    torch.testing.assert_close(s_share[:, :, 120:, 50], s_any[:, :, 120:, 50], rtol=0, atol=0)  # the click's frame
+    assert s_any[:, :, 120:, 50].abs().amax() > 0
     full = torch.from_numpy(speechlike(16000, 1.0, seed=3))[None]
     torch.testing.assert_close(sfi_stft(full, 16000, 100, SpecModelConfig(band_share=0.05)),
                                sfi_stft(full, 16000, 100, SpecModelConfig()), rtol=0, atol=0)
@@ -209,15 +176,13 @@ def test_scores_ignore_edge_silence_gain_and_the_batch(spec_dir):
     assert len(set(alone)) == len(alone)  # the scores differ, so equality means something
 
 
-@pytest.mark.parametrize("centroid", [False, True])
-def test_the_gpu_batched_path_agrees_with_rows_alone_and_ignores_neighbours(spec_dir, centroid):
+def test_the_gpu_batched_path_agrees_with_rows_alone_and_ignores_neighbours(spec_dir):
     """On CUDA a batch's crops run together in fixed-size chunks; run here on the CPU, the same code."""
     m = load_model(spec_dir, "cpu")
-    m.cfg.centroid_grid = centroid
     sr = 24000
     waves = [torch.from_numpy(speechlike(sr, s, seed=i)) for i, s in enumerate([0.5, 1.5, 0.8, 1.2])]
     with torch.no_grad():
-        alone = [float(m.crop_scores(m.crops(w, sr), sr, w.shape[0], m.shifts(w, sr)).mean()) for w in waves]
+        alone = [float(m.crop_scores(m.crops(w, sr), sr, w.shape[0]).mean()) for w in waves]
         batched = [float(s) for s in m.batched_scores(waves, sr, chunk=3)]  # 4 crops: 2 chunks of 3
         np.testing.assert_allclose(batched, alone, atol=1e-5, rtol=0)
         others = [torch.from_numpy(speechlike(sr, 9.0, seed=10))]  # a long neighbour: 3 crops
@@ -277,17 +242,16 @@ def test_export_and_finetune_refuse_a_spec_model_in_one_line(spec_dir, tmp_path)
         build_model(str(spec_dir), FinetuneModel(), 1, 0, 0)
 
 
-@pytest.mark.parametrize("sr,centroid", [(8000, False), (22050, False), (48000, False), (22050, True)])
-def test_the_cnn_on_the_audio_alone_equals_the_full_crop(spec_dir, sr, centroid):
+@pytest.mark.parametrize("sr", [8000, 22050, 48000])
+def test_the_cnn_on_the_audio_alone_equals_the_full_crop(spec_dir, sr):
     """A short file's crop is mostly padding; running the CNN only where the audio reaches, with the
-    rest from the all-zero crop, must give the full pass's features (also with the frame grid moved)."""
+    rest from the all-zero crop, must give the full pass's features."""
     m = load_model(spec_dir, "cpu")
-    m.cfg.centroid_grid = centroid
     for secs in (0.05, 1.0, 3.3, 7.6):
         x = torch.from_numpy(speechlike(sr, secs, seed=int(secs * 10)))
-        crops, shifts = m.crops(x, sr), m.shifts(x, sr)
+        crops = m.crops(x, sr)
         with torch.no_grad():
-            full, fast = m.features(crops, sr, shifts=shifts), m.features(crops, sr, x.shape[0], shifts)
+            full, fast = m.features(crops, sr), m.features(crops, sr, x.shape[0])
         torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
         assert not torch.equal(full[:, 0], full[:, -100])  # audio and padding really differ
 
