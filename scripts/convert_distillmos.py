@@ -1,10 +1,12 @@
 """Build the SFI spectrogram model from DistillMOS's released weights (no training).
 
-    pip install distillmos && python scripts/convert_distillmos.py models/msr-utmos-sfi-distillmos
+    pip install distillmos && python scripts/convert_distillmos.py models/msr-utmos-spec-distillmos
 
 DistillMOS's network is kept as released (MIT); only its 16 kHz STFT is replaced by the SFI STFT
-of msr_utmos_cli/spec_model.py, so no weight changes. The folder's weights are checked to give
-DistillMOS's own score at 16 kHz before it is written.
+of msr_utmos_cli/spec_stft.py, so no weight changes. The folder's weights are checked to give
+DistillMOS's own score at 16 kHz (on full-band noise, where the empty-band rule has nothing to do)
+before it is written. The front end is model 2.1.0's: the empty top band filled 90 dB down, and a
+bin live only when more than 2 % of the frames reach the floor.
 """
 from __future__ import annotations
 
@@ -21,13 +23,13 @@ from msr_utmos_cli.spec_model import SpecModelConfig, SpecMOSModel
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--model-version", default="2.0.0")
+    ap.add_argument("--model-version", default="2.1.0")
     args = ap.parse_args()
     import distillmos  # the teacher package: only this script needs it
 
     teacher = distillmos.ConvTransformerSQAModel().eval()
     state = {k: v for k, v in teacher.state_dict().items() if "position_encoding" not in k}  # rebuilt from cfg
-    model = SpecMOSModel(SpecModelConfig()).eval()
+    model = SpecMOSModel(SpecModelConfig(empty_band_db=-90.0, band_share=0.02)).eval()
     model.load_state_dict(state, strict=True)
     x = torch.randn(1, 3 * 16000, generator=torch.Generator().manual_seed(0)) * 0.1
     with torch.no_grad():
