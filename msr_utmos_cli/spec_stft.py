@@ -1,4 +1,4 @@
-"""The SFI STFT in front of the spectrogram model, and the frame grid it is read on: pure DSP.
+"""The SFI STFT in front of the spectrogram model: pure DSP.
 
 DistillMOS's 16 kHz STFT (20 ms Hann window, 10 ms hop, 161 bins 50 Hz apart, |X|^0.3 with the
 phase) defined in continuous time, so every rate gives the same frames at the same instants and
@@ -72,9 +72,9 @@ def _sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig) -> to
     if cfg.floor_db is not None:  # a full-scale sine has |X| = base_rate * window / 4
         full = 16000 * cfg.window_hops / cfg.frames_per_s / 4
         above = mag >= full * 10 ** (cfg.floor_db / 20)  # (B, M, K)
+        heard = (mag > 1e-12).any(dim=2, keepdim=True)  # (B, M, 1): frames with audio; padding stays 0
         if cfg.band_share > 0:  # a click's one frame does not make a band live
-            frames_heard = (mag > 1e-12).any(dim=2).sum(dim=1, keepdim=True)  # (B, 1)
-            live = above.sum(dim=1) > cfg.band_share * frames_heard  # (B, K)
+            live = above.sum(dim=1) > cfg.band_share * heard.sum(dim=1)  # (B, K)
         else:
             live = above.any(dim=1)  # (B, K): bins with content in the crop
         top = torch.where(live, torch.arange(cfg.bins, device=x.device), -1).amax(dim=1, keepdim=True)  # (B, 1)
@@ -82,7 +82,6 @@ def _sfi_stft(x: torch.Tensor, fs: int, frames: int, cfg: SpecModelConfig) -> to
         empty = (torch.arange(cfg.bins, device=x.device) > top)[:, None, :] & ~above  # (B, M, K)
         gain = gain * ~empty  # -> 0
         if cfg.empty_band_db is not None:
-            heard = (mag > 1e-12).any(dim=2, keepdim=True)  # (B, M, 1): frames with audio; padding stays 0
             fill = band_fill(cfg.bins, frames, cfg.empty_band_db, cfg.compress, full).to(x.device)  # (2, M, K)
             where = empty & heard  # (B, M, K)
             return torch.stack([torch.where(where, fill[0], re * gain), torch.where(where, fill[1], im * gain)],
