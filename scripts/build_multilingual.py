@@ -43,17 +43,17 @@ HELD_SPEAKERS = ("klettres-en_GB", "festival-czech_ph", "flite-awb")
 HELD_RATES = (16000, 24000, 44100, 48000)
 KLETTRES = Path("/usr/share/klettres")
 KLETTRES_LANGS = ("ar", "cs", "da", "de", "en", "en_GB", "he", "hu", "lt", "ml", "nb", "nds", "nl", "tn", "uk")
-FESTIVAL = {  # voice -> (language, scheme voice, folder under /usr/share/festival/voices)
-    "festival-kal": ("en", "voice_kal_diphone", "english/kal_diphone"),
-    "festival-ked": ("en", "voice_ked_diphone", "english/ked_diphone"),
-    "festival-slt-hts": ("en", "voice_cmu_us_slt_arctic_hts", "us/cmu_us_slt_arctic_hts"),
-    "festival-czech_dita": ("cs", "voice_czech_dita", "czech/czech_dita"),
-    "festival-czech_krb": ("cs", "voice_czech_krb", "czech/czech_krb"),
-    "festival-czech_machac": ("cs", "voice_czech_machac", "czech/czech_machac"),
-    "festival-czech_ph": ("cs", "voice_czech_ph", "czech/czech_ph"),
-    "festival-fi_lj": ("fi", "voice_suo_fi_lj_diphone", "finnish/suo_fi_lj_diphone"),
-    "festival-fi_mv": ("fi", "voice_hy_fi_mv_diphone", "finnish/hy_fi_mv_diphone"),
-    "festival-ca_ona": ("ca", "voice_upc_ca_ona_hts", "catalan/upc_ca_ona_hts"),
+FESTIVAL = {  # voice -> (language, scheme voice, folder under /usr/share/festival/voices, Debian package)
+    "festival-kal": ("en", "voice_kal_diphone", "english/kal_diphone", "festvox-kallpc16k"),
+    "festival-ked": ("en", "voice_ked_diphone", "english/ked_diphone", "festvox-kdlpc16k"),
+    "festival-slt-hts": ("en", "voice_cmu_us_slt_arctic_hts", "us/cmu_us_slt_arctic_hts", "festvox-us-slt-hts"),
+    "festival-czech_dita": ("cs", "voice_czech_dita", "czech/czech_dita", "festvox-czech-dita"),
+    "festival-czech_krb": ("cs", "voice_czech_krb", "czech/czech_krb", "festvox-czech-krb"),
+    "festival-czech_machac": ("cs", "voice_czech_machac", "czech/czech_machac", "festvox-czech-machac"),
+    "festival-czech_ph": ("cs", "voice_czech_ph", "czech/czech_ph", "festvox-czech-ph"),
+    "festival-fi_lj": ("fi", "voice_suo_fi_lj_diphone", "finnish/suo_fi_lj_diphone", "festvox-suopuhe-lj"),
+    "festival-fi_mv": ("fi", "voice_hy_fi_mv_diphone", "finnish/hy_fi_mv_diphone", "festvox-suopuhe-mv"),
+    "festival-ca_ona": ("ca", "voice_upc_ca_ona_hts", "catalan/upc_ca_ona_hts", "festvox-ca-ona-hts"),
 }
 FLITE = ("kal", "slt", "rms", "awb")
 ESPEAK_VARIANTS = ("m1", "m3", "m7", "f2", "f4")
@@ -82,6 +82,14 @@ def espeak_languages() -> list[str]:
     out = subprocess.run(["espeak-ng", "--voices"], capture_output=True, text=True).stdout.splitlines()[1:]
     langs = sorted({line.split()[1] for line in out if len(line.split()) > 1})
     return [lang for lang in langs if lang.split("-")[0] not in RESERVED]
+
+
+def missing_packages() -> list[str]:
+    """The Debian packages whose speech this corpus draws on and this machine lacks (the build leaves
+    their voices out, and is then a different corpus from the model cards')."""
+    missing = [] if any(KLETTRES.rglob("*.ogg")) else ["klettres-data"]
+    missing += [pkg for _, _, folder, pkg in FESTIVAL.values() if not (Path("/usr/share/festival/voices") / folder).is_dir()]
+    return missing + bc.missing_tools(bc.tool_report(), use_alsa=False)
 
 
 def held_out_reason(voice: str, lang: str) -> str:
@@ -133,7 +141,7 @@ def plan_utterances(seed: int, max_utts: int | None) -> list[dict]:
             if not rel.startswith("silence/") and bc.MIN_ASTERISK_S <= sf.info(str(p)).duration <= bc.MAX_ASTERISK_S:
                 add("asterisk-allison", "asterisk", "en", rel, [str(p)], rate=8000)
     english = bc.sentences()
-    for voice, (lang, scheme, folder) in FESTIVAL.items():
+    for voice, (lang, scheme, folder, _) in FESTIVAL.items():
         if not (Path("/usr/share/festival/voices") / folder).is_dir():
             continue
         for i in range(UTTS_PER_VOICE["festival"]):
@@ -327,7 +335,7 @@ def build(out: Path, seed: int = 0, max_utts: int | None = None, workers: int = 
     cols = bc.MANIFEST_COLUMNS + ("language", "why_held_out")
     bc.write_csv(out / "manifest.csv", rows, cols)
     bc.write_csv(out / "rate_ladder.csv", ladder, ("ladder_id",) + cols)
-    info = {"seed": seed, "max_utts": max_utts, "held_languages": HELD_LANGS, "held_speakers": HELD_SPEAKERS,
+    info = {"seed": seed, "max_utts": max_utts, "missing": missing_packages(), "held_languages": HELD_LANGS, "held_speakers": HELD_SPEAKERS,
             "held_recipes": HELD_RECIPES, **bc.summarize(rows), "fingerprint": bc.fingerprint(out),
             "languages": sorted({r["language"] for r in rows}), "voices": len({r["voice"] for r in rows}),
             "build_seconds": round(time.time() - t0, 1)}
@@ -341,7 +349,18 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-utts", type=int, default=None, help="build only this many utterances (tests)")
     ap.add_argument("--workers", type=int, default=2, help="processes rendering utterances")
+    ap.add_argument("--no-install", action="store_true",
+                    help="build from what is installed (default: install_corpus_tools.sh --multilingual first)")
     a = ap.parse_args(argv)
+    missing = missing_packages()
+    if missing and not a.no_install:
+        script = Path(__file__).with_name("install_corpus_tools.sh")
+        print(f"build_multilingual: missing {', '.join(missing)}; running {script} --multilingual", file=sys.stderr)
+        subprocess.run(["bash", str(script), "--multilingual"], check=False)
+        missing = missing_packages()
+    if missing:
+        print(f"build_multilingual: building without {', '.join(missing)} (a different corpus from the model "
+              "cards'; build_info.json lists what was missing)", file=sys.stderr)
     info = build(a.out, a.seed, a.max_utts, a.workers)
     print(json.dumps({k: info[k] for k in ("clips", "hours", "by_split", "voices", "build_seconds")}, indent=1))
 

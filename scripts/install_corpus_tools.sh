@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian tools scripts/build_corpus.py uses (speech sources and codecs).
+# Install the Debian tools scripts/build_corpus.py uses (speech sources and codecs); with --multilingual
+# also the real voices and the other languages' festival voices scripts/build_multilingual.py uses.
 # Only the Debian archive is contacted. A package the archive lacks is reported and skipped;
 # build_corpus.py records which sources and encoders it could not find.
 set -u
@@ -20,6 +21,14 @@ PKGS=(
   sox libsox-fmt-all            # resampling / effects
   alsa-utils                    # /usr/share/sounds/alsa (48 kHz words)
 )
+if [ "${1:-}" = "--multilingual" ]; then
+  PKGS+=(
+    klettres-data                 # native speakers of ~20 languages, 44.1 kHz (reserved ones are never read)
+    festvox-czech-dita festvox-czech-krb festvox-czech-machac festvox-czech-ph
+    festvox-suopuhe-lj festvox-suopuhe-mv   # Finnish
+    festvox-ca-ona-hts            # Catalan
+  )
+fi
 
 missing=()
 for p in "${PKGS[@]}"; do

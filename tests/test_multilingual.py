@@ -77,3 +77,16 @@ def test_tiny_build_is_deterministic(tiny, tmp_path):
     ml.build(tmp_path, seed=0, max_utts=12, workers=1, verbose=False)
     assert (tmp_path / "manifest.csv").read_text() == (out / "manifest.csv").read_text()
     assert ml.bc.fingerprint(tmp_path) == ml.bc.fingerprint(out)
+
+
+def test_a_build_without_the_real_voices_says_so(tiny, monkeypatch, tmp_path):
+    """KLettres and the non-English festival voices are Debian packages of their own: a build without
+    them is another corpus, and build_info.json must say which were missing."""
+    import json
+
+    out, _ = tiny
+    info = json.loads((out / "build_info.json").read_text())
+    assert info["missing"] == ml.missing_packages()
+    monkeypatch.setattr(ml, "KLETTRES", tmp_path / "no-klettres")
+    assert "klettres-data" in ml.missing_packages()
+    assert not [u for u in ml.plan_utterances(0, None) if u["kind"] == "klettres"]
