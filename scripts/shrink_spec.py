@@ -1,4 +1,5 @@
-"""Shrink the SFI spectrogram model: a narrower CNN, taught by the full model's CNN, or a shallower head.
+"""Shrink the SFI spectrogram model: a narrower CNN, taught by the full model's CNN, or a shallower head;
+or retarget its head to a shifted score.
 
     python scripts/shrink_spec.py --teacher models/msr-utmos-spec-distillmos --corpus corpus_ml \\
         --out runs/spec-fast --steps 1000 [--resume]
@@ -16,6 +17,11 @@ finished run, only writes the model again); the best checkpoint becomes the mode
 With --head-layers the CNN is kept (frozen, shared by teacher and student) and the transformer keeps
 that many of the teacher's layers, evenly spaced; they are trained on whole 7.68 s crops to give the
 teacher's last hidden states (after its norm) and its crop score.
+
+With --score-shift CSV (`path,shift`, e.g. from scripts/blend_teachers.py) the crop-score target is the
+teacher's crop score plus its clip's shift, and validation ranks against the shifted teacher; without
+--head-layers all the teacher's layers are kept and trained (the CNN stays frozen). --hidden-weight
+scales the hidden-state term, which otherwise holds the head at the teacher's reading.
 """
 from __future__ import annotations
 
@@ -37,6 +43,9 @@ from msr_utmos_cli.spec_model import SpecMOSModel, cnn_widths
 from msr_utmos_cli.spec_stft import sfi_stft
 from msr_utmos_cli.training.checkpoints import find_checkpoint
 from msr_utmos_cli.training.train import TrainConfig, fit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from eval_default_model import severity_pairs  # noqa: E402
 
 SEG_S, PAD_S, EDGE = 2.0, 2.0, 4  # segment length, zero padding after each clip, CNN columns not scored at each end
 
@@ -85,8 +94,9 @@ class ShrinkTask:
     is the MSE to the teacher's normed last hidden states plus that of the crop scores."""
 
     def __init__(self, teacher: SpecMOSModel, student: SpecMOSModel, corpus: Path, batch_size: int,
-                 valid_clips: int):
-        self.head_mode = student.cfg.layers < teacher.cfg.layers
+                 valid_clips: int, shift: dict[str, float] | None = None, hidden_weight: float = 1.0):
+        self.head_mode = student.cfg.layers < teacher.cfg.layers or shift is not None
+        self.shift, self.hidden_weight = shift or {}, hidden_weight
         self.teacher, self.student = teacher.eval(), student
         if self.head_mode:
             student.cnn.requires_grad_(False)
@@ -97,11 +107,22 @@ class ShrinkTask:
         man = pd.read_csv(corpus / "manifest.csv")
         self.train = man[man.split == "train"].reset_index(drop=True)
         self.train["sample_rate"] = [sf.info(corpus / p).samplerate for p in self.train.path]  # the file's own
+        if shift is not None:
+            lacking = [p for p in list(self.train.path) + list(man[man.split == "valid"].path) if p not in shift]
+            if lacking:
+                raise SystemExit(f"error: --score-shift has no row for {len(lacking)} clip(s), e.g. {lacking[0]}")
+        self.train_shift = np.array([self.shift.get(p, 0.0) for p in self.train.path], np.float32)
         self.by_rate = {sr: g.index.to_numpy() for sr, g in self.train.groupby("sample_rate")}
         self.rates = sorted(self.by_rate)
         self.rate_p = np.array([len(self.by_rate[r]) for r in self.rates], float) / len(self.train)
-        valid = man[man.split == "valid"].sample(n=min(valid_clips, int((man.split == "valid").sum())), random_state=0)
+        valid = man[man.split == "valid"]
+        utts = valid.utt_id.drop_duplicates().sample(frac=1.0, random_state=0)
+        sizes = valid.groupby("utt_id").size()[utts]
+        valid = valid[valid.utt_id.isin(sizes.index[(sizes.cumsum() - sizes < valid_clips).to_numpy()])]
+        valid = valid.reset_index(drop=True)  # whole utterances, so their severity pairs can be scored
         self.valid = [corpus / p for p in valid.path]  # scored at the file's own rate, not the manifest's
+        self.valid_pairs = severity_pairs(valid.to_dict("records"), "utt_id")
+        self.valid_shift = np.array([self.shift.get(p, 0.0) for p in valid.path])
         self.corpus, self.batch_size, self._teacher_valid = corpus, batch_size, None
 
     def param_groups(self) -> list[dict]:
@@ -133,18 +154,19 @@ class ShrinkTask:
             sr = self.rates[rng.choice(len(self.rates), p=self.rate_p)]
             idx = rng.choice(self.by_rate[sr], size=self.batch_size)
             segs = [self.segment(int(i), rng) for i in idx]
-            yield torch.from_numpy(np.stack(segs)), torch.tensor(sr)
+            yield torch.from_numpy(np.stack(segs)), torch.tensor(sr), torch.from_numpy(self.train_shift[idx])
             step += 1
 
     def loss(self, batch, step: int):
-        x, sr = batch
+        x, sr, shift = batch
         if self.head_mode:
             with torch.no_grad():
                 feats = self.student.cnn(sfi_stft(x, int(sr), 2 * self.student.cfg.crop_frames, self.student.cfg))
                 hidden_t, score_t = self.teacher.transformer_pool_attn.hidden_and_score(feats)
             hidden, score = self.student.transformer_pool_attn.hidden_and_score(feats)
             mse = torch.nn.functional.mse_loss
-            return mse(hidden, hidden_t) + mse(4 * score, 4 * score_t), {}  # scores on the 1-5 scale
+            target = (score_t + shift.to(score_t) / 4).clamp(0, 1)  # the head's score is (MOS - 1) / 4
+            return self.hidden_weight * mse(hidden, hidden_t) + mse(4 * score, 4 * target), {}  # on the 1-5 scale
         frames = int(SEG_S * self.student.cfg.frames_per_s)
         spec = sfi_stft(x, int(sr), frames, self.student.cfg)  # (B, 2, K, M)
         with torch.no_grad():
@@ -173,13 +195,15 @@ class ShrinkTask:
         was = self.model.training
         self.student.eval()
         if self._teacher_valid is None:
-            self._teacher_valid = self._scores(self.teacher)
+            self._teacher_valid = self._scores(self.teacher) + self.valid_shift
         s, t = self._scores(self.student), self._teacher_valid
         self.model.train(was)
         ok = np.isfinite(s) & np.isfinite(t)
-        s, t = s[ok], t[ok]
-        srcc = float(pd.Series(s).corr(pd.Series(t), method="spearman"))
-        return {"srcc": srcc, "mad": float(np.abs(s - t).mean())}
+        srcc = float(pd.Series(s[ok]).corr(pd.Series(t[ok]), method="spearman"))
+        pairs = [(a, b) for a, b, _ in self.valid_pairs if ok[a] and ok[b]]
+        order = float(np.mean([1.0 if s[a] > s[b] else 0.5 if s[a] == s[b] else 0.0 for a, b in pairs])) \
+            if pairs else float("nan")
+        return {"srcc": srcc, "mad": float(np.abs(s[ok] - t[ok]).mean()), "order": order, "pairs": len(pairs)}
 
     def export(self, folder: Path, metadata: dict) -> None:
         self.student.forget_zero_features()
@@ -193,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--widths", default="32,32,64,128,128,256")
     ap.add_argument("--head-layers", type=int, help="keep this many transformer layers (the CNN is kept, frozen)")
+    ap.add_argument("--score-shift", type=Path, help="CSV path,shift: MOS added to the teacher's crop scores (see above)")
+    ap.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state term (head mode)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -202,11 +228,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     teacher = load_model(args.teacher, device="cpu")
+    shift = None
+    if args.score_shift:
+        table = pd.read_csv(args.score_shift)
+        shift = dict(zip(table.path, table["shift"].astype(float)))
+        args.head_layers = args.head_layers or teacher.cfg.layers
     widths = cnn_widths(teacher.cfg) if args.head_layers else [int(w) for w in args.widths.split(",")]
-    if args.head_layers is not None and not 1 <= args.head_layers < teacher.cfg.layers:
-        raise SystemExit(f"error: --head-layers must be 1-{teacher.cfg.layers - 1} (the teacher has {teacher.cfg.layers})")
+    most = teacher.cfg.layers - (shift is None)
+    if args.head_layers is not None and not 1 <= args.head_layers <= most:
+        raise SystemExit(f"error: --head-layers must be 1-{most} (the teacher has {teacher.cfg.layers})")
     student = prune(teacher, widths, args.head_layers)
-    task = ShrinkTask(teacher, student, args.corpus, args.batch_size, args.valid_clips)
+    task = ShrinkTask(teacher, student, args.corpus, args.batch_size, args.valid_clips, shift, args.hidden_weight)
     cfg = TrainConfig(out_dir=str(args.out), max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=min(50, args.steps // 10), ckpt_every=args.ckpt_every, device="cpu")
     summary = fit(task, cfg, {"script": "shrink_spec", **{k: str(v) for k, v in vars(args).items()}},
@@ -219,7 +251,7 @@ def release(args, teacher: SpecMOSModel) -> None:
     """OUT/model: the best checkpoint as a model folder, without trainer state, with the teacher's licence notices."""
     best = find_checkpoint(args.out, "best") or find_checkpoint(args.out, "last")
     model = load_model(best, device="cpu")
-    meta = {"model_version": args.model_version, "task": "shrink",
+    meta = {"model_version": args.model_version, "task": "retarget" if args.score_shift else "shrink",
             "source": f"{teacher.identity['model']} {teacher.identity['model_version']} "
                       f"(weights sha256 {teacher.identity['model_sha256'][:12]})",
             "cnn_widths": model.cfg.cnn_widths, "layers": model.cfg.layers, "step": model.metadata.get("step"),

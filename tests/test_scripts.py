@@ -76,13 +76,14 @@ def _shrink_corpus(corpus):
     (corpus / "audio").mkdir(parents=True)
     with open(corpus / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "sample_rate", "split"])
+        w.writerow(["path", "sample_rate", "split", "utt_id", "degradation", "severity"])
         for i, (sr, split) in enumerate([(8000, "train"), (8000, "train"), (24000, "train"), (16000, "valid"),
                                          (48000, "valid")]):
             sf.write(corpus / "audio" / f"{i}.flac", speechlike(sr, 1.0 + i / 2, seed=i), sr)
-            w.writerow([f"audio/{i}.flac", 8000 if i == 2 else sr, split])  # row 2: the manifest's rate is wrong
+            kind = ("clean", 0) if i != 4 else ("noise", 1)  # rows 3 and 4: one valid utterance's severity pair
+            w.writerow([f"audio/{i}.flac", 8000 if i == 2 else sr, split, f"u{min(i, 3)}", *kind])  # row 2: the manifest's rate is wrong
         sf.write(corpus / "audio" / "silent.flac", np.zeros(8000, np.float32), 16000)  # scoring refuses it
-        w.writerow(["audio/silent.flac", 16000, "valid"])
+        w.writerow(["audio/silent.flac", 16000, "valid", "u5", "clean", 0])
     return corpus
 
 
@@ -101,6 +102,7 @@ def test_shrink_spec_trains_resumes_and_writes_a_model_utmos_scores(tmp_path):
     shrink.main(args + ["--steps", "3", "--resume"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "valid" in r] == [1, 2, 3]  # the resumed run went on at step 3
+    assert all(r["valid"]["pairs"] == 1 and 0 <= r["valid"]["order"] <= 1 for r in records if "valid" in r)
     model = load_model(tmp_path / "run" / "model", device="cpu")  # the release folder, from the best checkpoint
     assert model.cfg.cnn_widths == [8, 8, 8, 8, 8, 16]
     assert model.metadata["task"] == "shrink" and model.metadata["step"] in (1, 2, 3)
@@ -141,3 +143,113 @@ def test_shrink_spec_head_mode_keeps_spaced_layers_and_trains_only_them(tmp_path
     assert torch.equal(model.transformer_pool_attn.pool.linear3.weight, teacher.transformer_pool_attn.pool.linear3.weight)
     with pytest.raises(SystemExit, match="--head-layers must be 1-2"):
         shrink.main(["--teacher", str(t_dir), "--out", str(tmp_path / "x"), "--head-layers", "3"])
+
+
+def test_shrink_spec_score_shift_retargets_the_whole_head_towards_the_shifted_teacher(tmp_path):
+    from msr_utmos_cli import load_model
+    from msr_utmos_cli.checkpoint import save_model
+    from msr_utmos_cli.spec_model import SpecModelConfig, SpecMOSModel
+
+    shrink = _load_script("shrink_spec")
+    torch.manual_seed(0)
+    teacher = SpecMOSModel(SpecModelConfig(cnn_channels=16, dim=16, heads=2, layers=2)).eval()
+    t_dir = save_model(teacher, tmp_path / "t", {})
+    corpus = _shrink_corpus(tmp_path / "corpus")
+    paths = [r["path"] for r in csv.DictReader(open(corpus / "manifest.csv"))]
+    shift_csv = tmp_path / "shift.csv"
+    with open(shift_csv, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "shift"]] + [[p, 1.0] for p in paths])
+    wave = torch.from_numpy(speechlike(16000, 2.0, seed=7))
+    before = float(teacher.score(wave, 16000)[0])
+    run = tmp_path / "run"
+    args = ["--teacher", str(t_dir), "--corpus", str(corpus), "--out", str(run), "--score-shift", str(shift_csv),
+            "--hidden-weight", "0", "--batch-size", "2", "--ckpt-every", "5", "--valid-clips", "3", "--lr", "0.01"]
+    shrink.main(args + ["--steps", "10"])
+    model = load_model(run / "model", device="cpu")
+    assert model.cfg.layers == 2 and model.metadata["task"] == "retarget"
+    assert all(torch.equal(a, b) for a, b in zip(model.cnn.state_dict().values(), teacher.cnn.state_dict().values()))
+    assert float(model.score(wave, 16000)[0]) > before + 0.2  # every clip's target was the teacher + 1 MOS
+    with open(shift_csv, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "shift"]] + [[p, 1.0] for p in paths[:2]])
+    with pytest.raises(SystemExit, match="--score-shift has no row for"):
+        shrink.main(args + ["--steps", "1", "--out", str(tmp_path / "x")])
+
+
+def test_blend_teachers_weights_the_second_judge_where_it_orders_the_training_ladders_better(tmp_path, monkeypatch):
+    import sys
+
+    import pandas as pd
+
+    blend = _load_script("blend_teachers")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    man, first, second = [], [], []
+    for u in range(40):  # noise ladders: the first judge ranks them at random, the second gets them right
+        split = "heldout" if u >= 36 else "valid" if u >= 32 else "train"
+        base = 2.5 + rng.uniform(-1, 1)
+        for sev in range(4):
+            path = f"audio/u{u}_{sev}.flac"
+            man.append({"path": path, "split": split, "utt_id": f"u{u}", "degradation": "noise" if sev else "clean",
+                        "severity": sev})
+            first.append({"path": path, "teacher_mos": base + rng.normal(0, 0.3)})
+            second.append({"path": path, "teacher_mos": base - 0.4 * sev})
+    pd.DataFrame(man).to_csv(corpus / "manifest.csv", index=False)
+    pd.DataFrame(first[:-16]).to_csv(corpus / "teacher_distillmos.csv", index=False)  # no held-out labels needed
+    pd.DataFrame(second[:-16]).to_csv(tmp_path / "second.csv", index=False)
+    out = tmp_path / "shift.csv"
+    argv = ["blend_teachers.py", "--corpus", str(corpus), "--second", str(tmp_path / "second.csv"), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv + ["--min-srcc", "0"])
+    blend.main()
+    shift = pd.read_csv(out)
+    assert len(shift) == 144 and shift["shift"].abs().max() > 0.1
+    d1 = np.array([r["teacher_mos"] for r in first[:-16]])
+    pairs = [(i, i + k) for i in range(0, 144, 4) for k in (1, 2, 3)]
+    mixed = d1 + shift["shift"].to_numpy()
+    assert blend.order_share([(a, b, "noise") for a, b in pairs], mixed) > \
+        blend.order_share([(a, b, "noise") for a, b in pairs], d1) + 0.2
+    monkeypatch.setattr(sys, "argv", argv + ["--weight", "1"])  # the first judge alone: no shift
+    blend.main()
+    assert pd.read_csv(out)["shift"].abs().max() < 1e-4
+    pd.DataFrame(second[:10]).to_csv(tmp_path / "second.csv", index=False)
+    with pytest.raises(SystemExit, match="lack a score"):
+        blend.main()
+
+
+def test_blend_teachers_margin_orders_each_utterances_ladder_and_moves_nothing_else(tmp_path, monkeypatch):
+    import sys
+
+    import pandas as pd
+
+    blend = _load_script("blend_teachers")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(1)
+    man, first = [], []
+    for u in range(12):  # a clean clip and a 3-step noise ladder; u0-u5 in the right order, u6-u11 shuffled
+        split = "heldout" if u >= 10 else "valid" if u >= 8 else "train"
+        levels = [3.5, 3.0, 2.5, 2.0] if u < 6 else list(rng.permutation([3.5, 3.0, 2.5, 2.0]))
+        for sev in range(4):
+            path = f"audio/u{u}_{sev}.flac"
+            man.append({"path": path, "split": split, "utt_id": f"u{u}", "degradation": "noise" if sev else "clean",
+                        "severity": sev})
+            first.append({"path": path, "teacher_mos": levels[sev]})
+    man.append({"path": "audio/u0_pink1.flac", "split": "train", "utt_id": "u0", "degradation": "pink", "severity": 1})
+    first.append({"path": "audio/u0_pink1.flac", "teacher_mos": 3.9})  # above its clean clip
+    pd.DataFrame(man).to_csv(corpus / "manifest.csv", index=False)
+    pd.DataFrame(first).to_csv(corpus / "teacher_distillmos.csv", index=False)
+    out = tmp_path / "shift.csv"
+    monkeypatch.setattr(sys, "argv", ["blend_teachers.py", "--corpus", str(corpus), "--out", str(out),
+                                      "--margin", "0.2"])
+    blend.main()
+    target = pd.read_csv(out).merge(pd.DataFrame(first), on="path")
+    target["t"] = target.teacher_mos + target["shift"]
+    t = dict(zip(target.path, target.t))
+    assert not any("u10" in p or "u11" in p for p in t)  # held-out clips get no target
+    for u in range(10):
+        ladder = [t[f"audio/u{u}_{sev}.flac"] for sev in range(4)]
+        assert all(a - b >= 0.2 - 1e-4 for a, b in zip(ladder, ladder[1:])), (u, ladder)
+    assert t["audio/u0_0.flac"] - t["audio/u0_pink1.flac"] >= 0.2 - 1e-4
+    moved = target[target["shift"].abs() > 1e-4].path
+    assert not any(p.startswith(f"audio/u{u}_") for p in moved for u in range(1, 6))  # ordered ladders stay
+    assert set(moved) >= {"audio/u0_0.flac", "audio/u0_pink1.flac"}
