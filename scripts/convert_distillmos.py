@@ -1,6 +1,9 @@
-"""Build the SFI spectrogram model from DistillMOS's released weights (no training).
+"""Build the SFI spectrogram model from DistillMOS's released weights (no training): model 2.1.0.
 
-    pip install distillmos && python scripts/convert_distillmos.py models/msr-utmos-spec-distillmos
+    pip install distillmos && python scripts/convert_distillmos.py runs/spec-2.1.0
+
+The default model since 2.2.0 is this one with its transformer fine-tuned (its model card has the
+commands); this conversion is the first step and the teacher of that fine-tuning.
 
 DistillMOS's network is kept as released (MIT); only its 16 kHz STFT is replaced by the SFI STFT
 of msr_utmos_cli/spec_stft.py, so no weight changes. The folder's weights are checked to give
