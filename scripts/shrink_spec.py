@@ -44,8 +44,8 @@ from msr_utmos_cli.spec_stft import sfi_stft
 from msr_utmos_cli.training.checkpoints import find_checkpoint
 from msr_utmos_cli.training.train import TrainConfig, fit
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from eval_default_model import severity_pairs  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from blend_teachers import order_share, severity_pairs  # noqa: E402
 
 SEG_S, PAD_S, EDGE = 2.0, 2.0, 4  # segment length, zero padding after each clip, CNN columns not scored at each end
 
@@ -200,9 +200,8 @@ class ShrinkTask:
         self.model.train(was)
         ok = np.isfinite(s) & np.isfinite(t)
         srcc = float(pd.Series(s[ok]).corr(pd.Series(t[ok]), method="spearman"))
-        pairs = [(a, b) for a, b, _ in self.valid_pairs if ok[a] and ok[b]]
-        order = float(np.mean([1.0 if s[a] > s[b] else 0.5 if s[a] == s[b] else 0.0 for a, b in pairs])) \
-            if pairs else float("nan")
+        pairs = [p for p in self.valid_pairs if ok[p[0]] and ok[p[1]]]
+        order = order_share(pairs, s) if pairs else float("nan")
         return {"srcc": srcc, "mad": float(np.abs(s[ok] - t[ok]).mean()), "order": order, "pairs": len(pairs)}
 
     def export(self, folder: Path, metadata: dict) -> None:
