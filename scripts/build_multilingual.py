@@ -42,6 +42,7 @@ HELD_LANGS = ("de", "nl", "hu", "uk", "he", "fi", "sv", "pl", "tr", "el")
 HELD_SPEAKERS = ("klettres-en_GB", "festival-czech_ph", "flite-awb")
 HELD_RATES = (16000, 24000, 44100, 48000)
 KLETTRES = Path("/usr/share/klettres")
+FESTIVAL_VOICES = Path("/usr/share/festival/voices")
 KLETTRES_LANGS = ("ar", "cs", "da", "de", "en", "en_GB", "he", "hu", "lt", "ml", "nb", "nds", "nl", "tn", "uk")
 FESTIVAL = {  # voice -> (language, scheme voice, folder under /usr/share/festival/voices, Debian package)
     "festival-kal": ("en", "voice_kal_diphone", "english/kal_diphone", "festvox-kallpc16k"),
@@ -85,10 +86,11 @@ def espeak_languages() -> list[str]:
 
 
 def missing_packages() -> list[str]:
-    """The Debian packages whose speech this corpus draws on and this machine lacks (the build leaves
-    their voices out, and is then a different corpus from the model cards')."""
+    """What this corpus draws on and this machine lacks: the Debian packages of its real and
+    non-English voices, then build_corpus.py's missing tools, voices and codecs (the build leaves them
+    out, and is then a different corpus from the model cards')."""
     missing = [] if any(KLETTRES.rglob("*.ogg")) else ["klettres-data"]
-    missing += [pkg for _, _, folder, pkg in FESTIVAL.values() if not (Path("/usr/share/festival/voices") / folder).is_dir()]
+    missing += [pkg for _, _, folder, pkg in FESTIVAL.values() if not (FESTIVAL_VOICES / folder).is_dir()]
     return missing + bc.missing_tools(bc.tool_report(), use_alsa=False)
 
 
@@ -142,7 +144,7 @@ def plan_utterances(seed: int, max_utts: int | None) -> list[dict]:
                 add("asterisk-allison", "asterisk", "en", rel, [str(p)], rate=8000)
     english = bc.sentences()
     for voice, (lang, scheme, folder, _) in FESTIVAL.items():
-        if not (Path("/usr/share/festival/voices") / folder).is_dir():
+        if not (FESTIVAL_VOICES / folder).is_dir():
             continue
         for i in range(UTTS_PER_VOICE["festival"]):
             text = english[int(rng.integers(len(english)))] if lang == "en" else digits_text(rng)
@@ -335,8 +337,8 @@ def build(out: Path, seed: int = 0, max_utts: int | None = None, workers: int = 
     cols = bc.MANIFEST_COLUMNS + ("language", "why_held_out")
     bc.write_csv(out / "manifest.csv", rows, cols)
     bc.write_csv(out / "rate_ladder.csv", ladder, ("ladder_id",) + cols)
-    info = {"seed": seed, "max_utts": max_utts, "missing": missing_packages(), "held_languages": HELD_LANGS, "held_speakers": HELD_SPEAKERS,
-            "held_recipes": HELD_RECIPES, **bc.summarize(rows), "fingerprint": bc.fingerprint(out),
+    info = {"seed": seed, "max_utts": max_utts, "missing": missing_packages(), "held_languages": HELD_LANGS,
+            "held_speakers": HELD_SPEAKERS, "held_recipes": HELD_RECIPES, **bc.summarize(rows), "fingerprint": bc.fingerprint(out),
             "languages": sorted({r["language"] for r in rows}), "voices": len({r["voice"] for r in rows}),
             "build_seconds": round(time.time() - t0, 1)}
     (out / "build_info.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")

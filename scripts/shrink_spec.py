@@ -96,7 +96,7 @@ class ShrinkTask:
     def __init__(self, teacher: SpecMOSModel, student: SpecMOSModel, corpus: Path, batch_size: int,
                  valid_clips: int, shift: dict[str, float] | None = None, hidden_weight: float = 1.0):
         self.head_mode = student.cfg.layers < teacher.cfg.layers or shift is not None
-        self.shift, self.hidden_weight = shift or {}, hidden_weight
+        self.hidden_weight = hidden_weight
         self.teacher, self.student = teacher.eval(), student
         if self.head_mode:
             student.cnn.requires_grad_(False)
@@ -111,7 +111,8 @@ class ShrinkTask:
             lacking = [p for p in list(self.train.path) + list(man[man.split == "valid"].path) if p not in shift]
             if lacking:
                 raise SystemExit(f"error: --score-shift has no row for {len(lacking)} clip(s), e.g. {lacking[0]}")
-        self.train_shift = np.array([self.shift.get(p, 0.0) for p in self.train.path], np.float32)
+        shift = shift or {}
+        self.train_shift = np.array([shift.get(p, 0.0) for p in self.train.path], np.float32)
         self.by_rate = {sr: g.index.to_numpy() for sr, g in self.train.groupby("sample_rate")}
         self.rates = sorted(self.by_rate)
         self.rate_p = np.array([len(self.by_rate[r]) for r in self.rates], float) / len(self.train)
@@ -122,7 +123,7 @@ class ShrinkTask:
         valid = valid.reset_index(drop=True)  # whole utterances, so their severity pairs can be scored
         self.valid = [corpus / p for p in valid.path]  # scored at the file's own rate, not the manifest's
         self.valid_pairs = severity_pairs(valid.to_dict("records"), "utt_id")
-        self.valid_shift = np.array([self.shift.get(p, 0.0) for p in valid.path])
+        self.valid_shift = np.array([shift.get(p, 0.0) for p in valid.path])
         self.corpus, self.batch_size, self._teacher_valid = corpus, batch_size, None
 
     def param_groups(self) -> list[dict]:
