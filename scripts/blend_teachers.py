@@ -12,6 +12,7 @@ DistillMOS's. Without --weight, w is the one of 1.0, 0.95, ..., 0.5 whose blend 
 split's same-utterance severity pairs best while keeping SRCC >= --min-srcc with DistillMOS (held-out
 clips are never looked at). The output has one row per clip, `path,shift`: blend minus DistillMOS,
 the amount `scripts/shrink_spec.py --score-shift` adds to the teacher's crop scores.
+--targets-out also writes the targets themselves, `path,mos`, for `scripts/shrink_spec.py --targets`.
 
 With --margin M the targets (DistillMOS's, or the blend) are then moved as little as possible (least
 squares, per utterance) so that each training and validation utterance's severity pairs are ordered
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--weight", type=float, help="DistillMOS's weight w (default: chosen on the training split)")
     ap.add_argument("--min-srcc", type=float, default=0.98, help="least SRCC of the blend with DistillMOS")
     ap.add_argument("--margin", type=float, help="then order each utterance's severity pairs at least this far apart")
+    ap.add_argument("--targets-out", type=Path, help="also write the targets themselves here (path,mos)")
     args = ap.parse_args()
     man = pd.read_csv(args.corpus / "manifest.csv", dtype={"severity": int}).drop_duplicates("path")
     judges = [args.corpus / "teacher_distillmos.csv"] + ([args.second] if args.second else [])
@@ -113,6 +115,9 @@ def main() -> None:
         chosen.update(margin=args.margin, ordered_pairs=len(pairs), moved=int((np.abs(t - d1) > 1e-6).sum()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"path": rows.path, "shift": np.round(t - d1, 5)}).to_csv(args.out, index=False)
+    if args.targets_out:
+        args.targets_out.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"path": rows.path, "mos": np.round(t, 5)}).to_csv(args.targets_out, index=False)
     print(json.dumps({"chosen": chosen, "out": str(args.out), "clips": len(rows)}))
 
 

@@ -21,7 +21,17 @@ teacher's last hidden states (after its norm) and its crop score.
 With --score-shift CSV (`path,shift`, e.g. from scripts/blend_teachers.py) the crop-score target is the
 teacher's crop score plus its clip's shift, and validation ranks against the shifted teacher; without
 --head-layers all the teacher's layers are kept and trained (the CNN stays frozen). --hidden-weight
-scales the hidden-state term, which otherwise holds the head at the teacher's reading.
+scales the hidden-state term, which otherwise holds the head at the teacher's reading. With --targets CSV
+(`path,mos`, e.g. `scripts/blend_teachers.py --targets-out`) the crop-score target is the clip's MOS
+itself, not the teacher's crop score: a student that agrees less with DistillMOS than its teacher did
+is pulled towards DistillMOS's own labels.
+
+With --low-rate-share P (head mode) that share of the batches whose clips are above 8 kHz is presented
+at 8 kHz instead: resampled, scored by the student, and fitted to the full-band targets with each
+batch's mean removed from both sides, so the head learns to rank band-limited audio as the full-band
+judge ranks it without being told that losing the band above 4 kHz costs nothing. The hidden-state
+term there stays the teacher's own reading of the 8 kHz presentation. Validation then also scores the
+validation clips at 8 kHz, and the step is chosen by the mean of the two SRCCs.
 """
 from __future__ import annotations
 
@@ -37,7 +47,7 @@ import pandas as pd
 import soundfile as sf
 import torch
 
-from msr_utmos_cli.audio import AudioError
+from msr_utmos_cli.audio import AudioError, resample
 from msr_utmos_cli.checkpoint import load_model, save_model
 from msr_utmos_cli.spec_model import SpecMOSModel, cnn_widths
 from msr_utmos_cli.spec_stft import sfi_stft
@@ -48,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from blend_teachers import order_share, severity_pairs  # noqa: E402
 
 SEG_S, PAD_S, EDGE = 2.0, 2.0, 4  # segment length, zero padding after each clip, CNN columns not scored at each end
+LOW_RATE = 8000  # --low-rate-share presents batches here
 
 
 def kept_layers(layers: int, keep: int) -> list[int]:
@@ -94,9 +105,13 @@ class ShrinkTask:
     is the MSE to the teacher's normed last hidden states plus that of the crop scores."""
 
     def __init__(self, teacher: SpecMOSModel, student: SpecMOSModel, corpus: Path, batch_size: int,
-                 valid_clips: int, shift: dict[str, float] | None = None, hidden_weight: float = 1.0):
+                 valid_clips: int, shift: dict[str, float] | None = None, hidden_weight: float = 1.0,
+                 absolute: bool = False, low_share: float = 0.0):
+        """shift: MOS added to the teacher's crop score per clip, or with `absolute` the clip's target MOS."""
         self.head_mode = student.cfg.layers < teacher.cfg.layers or shift is not None
-        self.hidden_weight = hidden_weight
+        if low_share and not self.head_mode:
+            raise SystemExit("error: --low-rate-share needs head mode (--head-layers, --score-shift or --targets)")
+        self.hidden_weight, self.absolute, self.low_share = hidden_weight, absolute, low_share
         self.teacher, self.student = teacher.eval(), student
         if self.head_mode:
             student.cnn.requires_grad_(False)
@@ -110,7 +125,7 @@ class ShrinkTask:
         if shift is not None:
             lacking = [p for p in list(self.train.path) + list(man[man.split == "valid"].path) if p not in shift]
             if lacking:
-                raise SystemExit(f"error: --score-shift has no row for {len(lacking)} clip(s), e.g. {lacking[0]}")
+                raise SystemExit(f"error: the target table has no row for {len(lacking)} clip(s), e.g. {lacking[0]}")
         shift = shift or {}
         self.train_shift = np.array([shift.get(p, 0.0) for p in self.train.path], np.float32)
         self.by_rate = {sr: g.index.to_numpy() for sr, g in self.train.groupby("sample_rate")}
@@ -155,18 +170,31 @@ class ShrinkTask:
             sr = self.rates[rng.choice(len(self.rates), p=self.rate_p)]
             idx = rng.choice(self.by_rate[sr], size=self.batch_size)
             segs = [self.segment(int(i), rng) for i in idx]
-            yield torch.from_numpy(np.stack(segs)), torch.tensor(sr), torch.from_numpy(self.train_shift[idx])
+            low = bool(self.low_share) and sr > LOW_RATE and rng.random() < self.low_share  # no draw when off
+            yield (torch.from_numpy(np.stack(segs)), torch.tensor(sr), torch.from_numpy(self.train_shift[idx]),
+                   torch.tensor(low))
             step += 1
 
     def loss(self, batch, step: int):
-        x, sr, shift = batch
+        x, sr, shift, low = batch
         if self.head_mode:
+            frames = 2 * self.student.cfg.crop_frames
             with torch.no_grad():
-                feats = self.student.cnn(sfi_stft(x, int(sr), 2 * self.student.cfg.crop_frames, self.student.cfg))
+                feats = self.student.cnn(sfi_stft(x, int(sr), frames, self.student.cfg))
                 hidden_t, score_t = self.teacher.transformer_pool_attn.hidden_and_score(feats)
+                if self.absolute:
+                    target = ((shift.to(score_t) - 1) / 4).clamp(0, 1)  # the head's score is (MOS - 1) / 4
+                else:
+                    target = (score_t + shift.to(score_t) / 4).clamp(0, 1)
+                if low:  # (B, T) at sr -> (B, T') at 8 kHz, each row peak-normalised as scoring does
+                    x = resample(x, int(sr), LOW_RATE)
+                    x = x / (x.abs().amax(dim=1, keepdim=True) + 1e-8)
+                    feats = self.student.cnn(sfi_stft(x, LOW_RATE, frames, self.student.cfg))
+                    hidden_t, _ = self.teacher.transformer_pool_attn.hidden_and_score(feats)
             hidden, score = self.student.transformer_pool_attn.hidden_and_score(feats)
             mse = torch.nn.functional.mse_loss
-            target = (score_t + shift.to(score_t) / 4).clamp(0, 1)  # the head's score is (MOS - 1) / 4
+            if low:  # ranks, not level: the batch's mean is taken off both sides
+                score, target = score - score.mean(), target - target.mean()
             return self.hidden_weight * mse(hidden, hidden_t) + mse(4 * score, 4 * target), {}  # on the 1-5 scale
         frames = int(SEG_S * self.student.cfg.frames_per_s)
         spec = sfi_stft(x, int(sr), frames, self.student.cfg)  # (B, 2, K, M)
@@ -179,15 +207,19 @@ class ShrinkTask:
     def audio_seconds(self, batch) -> float:
         return (self.student.cfg.crop_s if self.head_mode else SEG_S) * batch[0].shape[0]
 
-    def _scores(self, model: SpecMOSModel) -> np.ndarray:
-        """Scores of the validation clips; NaN where scoring refuses one (an all-silent clip, say)."""
+    def _scores(self, model: SpecMOSModel, rate: int | None = None) -> np.ndarray:
+        """Scores of the validation clips (at `rate` where given and lower than the file's); NaN where
+        scoring refuses one (an all-silent clip, say)."""
         model.forget_zero_features()  # the all-zero crop's features change as the CNN trains
         out = []
         for p in self.valid:
             x, sr = sf.read(p, dtype="float32", always_2d=True)
+            w = torch.from_numpy(x[:, 0])
+            if rate and rate < sr:
+                w, sr = resample(w, sr, rate), rate
             try:
                 with torch.no_grad():
-                    out.append(float(model.score(torch.from_numpy(x[:, 0]), sr)[0]))
+                    out.append(float(model.score(w, sr)[0]))
             except AudioError:
                 out.append(float("nan"))
         return np.array(out)
@@ -196,14 +228,20 @@ class ShrinkTask:
         was = self.model.training
         self.student.eval()
         if self._teacher_valid is None:
-            self._teacher_valid = self._scores(self.teacher) + self.valid_shift
+            self._teacher_valid = self.valid_shift if self.absolute else self._scores(self.teacher) + self.valid_shift
         s, t = self._scores(self.student), self._teacher_valid
-        self.model.train(was)
         ok = np.isfinite(s) & np.isfinite(t)
         srcc = float(pd.Series(s[ok]).corr(pd.Series(t[ok]), method="spearman"))
         pairs = [p for p in self.valid_pairs if ok[p[0]] and ok[p[1]]]
         order = order_share(pairs, s) if pairs else float("nan")
-        return {"srcc": srcc, "mad": float(np.abs(s[ok] - t[ok]).mean()), "order": order, "pairs": len(pairs)}
+        out = {"srcc": srcc, "mad": float(np.abs(s[ok] - t[ok]).mean()), "order": order, "pairs": len(pairs)}
+        if self.low_share:
+            s8 = self._scores(self.student, LOW_RATE)
+            ok8 = np.isfinite(s8) & np.isfinite(t)
+            out["srcc8k"] = float(pd.Series(s8[ok8]).corr(pd.Series(t[ok8]), method="spearman"))
+            out["srcc_both"] = (srcc + out["srcc8k"]) / 2
+        self.model.train(was)
+        return out
 
     def export(self, folder: Path, metadata: dict) -> None:
         self.student.forget_zero_features()
@@ -218,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--widths", default="32,32,64,128,128,256")
     ap.add_argument("--head-layers", type=int, help="keep this many transformer layers (the CNN is kept, frozen)")
     ap.add_argument("--score-shift", type=Path, help="CSV path,shift: MOS added to the teacher's crop scores (see above)")
+    ap.add_argument("--targets", type=Path, help="CSV path,mos: each clip's crop-score target itself (see above)")
     ap.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state term (head mode)")
+    ap.add_argument("--low-rate-share", type=float, default=0.0, help="share of batches presented at 8 kHz (head mode)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -228,21 +268,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     teacher = load_model(args.teacher, device="cpu")
+    if args.score_shift and args.targets:
+        raise SystemExit("error: give --score-shift or --targets, not both")
+    if not 0 <= args.low_rate_share <= 1:
+        raise SystemExit("error: --low-rate-share must be between 0 and 1")
     shift = None
-    if args.score_shift:
-        table = pd.read_csv(args.score_shift)
-        shift = dict(zip(table.path, table["shift"].astype(float)))
+    if args.score_shift or args.targets:
+        table = pd.read_csv(args.score_shift or args.targets)
+        column = "shift" if args.score_shift else "mos"
+        if column not in table or "path" not in table:
+            raise SystemExit(f"error: {args.score_shift or args.targets}: expected columns path,{column}")
+        shift = dict(zip(table.path, table[column].astype(float)))
         args.head_layers = args.head_layers or teacher.cfg.layers
     widths = cnn_widths(teacher.cfg) if args.head_layers else [int(w) for w in args.widths.split(",")]
     most = teacher.cfg.layers - (shift is None)
     if args.head_layers is not None and not 1 <= args.head_layers <= most:
         raise SystemExit(f"error: --head-layers must be 1-{most} (the teacher has {teacher.cfg.layers})")
     student = prune(teacher, widths, args.head_layers)
-    task = ShrinkTask(teacher, student, args.corpus, args.batch_size, args.valid_clips, shift, args.hidden_weight)
+    task = ShrinkTask(teacher, student, args.corpus, args.batch_size, args.valid_clips, shift, args.hidden_weight,
+                      absolute=args.targets is not None, low_share=args.low_rate_share)
     cfg = TrainConfig(out_dir=str(args.out), max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=min(50, args.steps // 10), ckpt_every=args.ckpt_every, device="cpu")
     summary = fit(task, cfg, {"script": "shrink_spec", **{k: str(v) for k, v in vars(args).items()}},
-                  resume=args.resume, select_metric="srcc")
+                  resume=args.resume, select_metric="srcc_both" if args.low_rate_share else "srcc")
     print(json.dumps(summary, indent=1, default=str))
     release(args, teacher)
 
@@ -251,7 +299,7 @@ def release(args, teacher: SpecMOSModel) -> None:
     """OUT/model: the best checkpoint as a model folder, without trainer state, with the teacher's licence notices."""
     best = find_checkpoint(args.out, "best") or find_checkpoint(args.out, "last")
     model = load_model(best, device="cpu")
-    meta = {"model_version": args.model_version, "task": "retarget" if args.score_shift else "shrink",
+    meta = {"model_version": args.model_version, "task": "retarget" if args.score_shift or args.targets else "shrink",
             "source": f"{teacher.identity['model']} {teacher.identity['model_version']} "
                       f"(weights sha256 {teacher.identity['model_sha256'][:12]})",
             "cnn_widths": model.cfg.cnn_widths, "layers": model.cfg.layers, "step": model.metadata.get("step"),

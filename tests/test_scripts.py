@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import soundfile as sf
 import torch
@@ -171,8 +172,79 @@ def test_shrink_spec_score_shift_retargets_the_whole_head_towards_the_shifted_te
     assert float(model.score(wave, 16000)[0]) > before + 0.2  # every clip's target was the teacher + 1 MOS
     with open(shift_csv, "w", newline="") as f:
         csv.writer(f).writerows([["path", "shift"]] + [[p, 1.0] for p in paths[:2]])
-    with pytest.raises(SystemExit, match="--score-shift has no row for"):
+    with pytest.raises(SystemExit, match="target table has no row for"):
         shrink.main(args + ["--steps", "1", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="not both"):
+        shrink.main(args + ["--targets", str(shift_csv), "--steps", "1", "--out", str(tmp_path / "x")])
+
+
+def test_shrink_spec_targets_pull_the_head_to_the_labels_themselves(tmp_path):
+    from msr_utmos_cli import load_model
+    from msr_utmos_cli.checkpoint import save_model
+    from msr_utmos_cli.spec_model import SpecModelConfig, SpecMOSModel
+
+    shrink = _load_script("shrink_spec")
+    torch.manual_seed(0)
+    teacher = SpecMOSModel(SpecModelConfig(cnn_channels=16, dim=16, heads=2, layers=2)).eval()
+    t_dir = save_model(teacher, tmp_path / "t", {})
+    corpus = _shrink_corpus(tmp_path / "corpus")
+    wave = torch.from_numpy(speechlike(16000, 2.0, seed=7))
+    before = float(teacher.score(wave, 16000)[0])
+    goal = 1.2 if before > 3 else 4.8  # every clip's label, far from what the teacher says
+    targets = tmp_path / "targets.csv"
+    rows = pd.read_csv(corpus / "manifest.csv")
+    pd.DataFrame({"path": rows.path, "mos": goal + 0.01 * rows.index}).to_csv(targets, index=False)
+    run = tmp_path / "run"
+    shrink.main(["--teacher", str(t_dir), "--corpus", str(corpus), "--out", str(run), "--targets", str(targets),
+                 "--hidden-weight", "0", "--batch-size", "2", "--ckpt-every", "5", "--valid-clips", "3",
+                 "--lr", "0.01", "--steps", "10"])
+    after = float(load_model(run / "model", device="cpu").score(wave, 16000)[0])
+    assert abs(after - goal) < abs(before - goal) - 0.2, (before, after, goal)
+    pd.DataFrame({"path": ["audio/0.flac"], "shift": [0.0]}).to_csv(targets, index=False)
+    with pytest.raises(SystemExit, match="expected columns path,mos"):
+        shrink.main(["--teacher", str(t_dir), "--corpus", str(corpus), "--out", str(tmp_path / "x"),
+                     "--targets", str(targets)])
+
+
+def test_shrink_spec_low_rate_share_presents_batches_at_8k_and_fits_ranks_not_level(tmp_path):
+    import json
+
+    from msr_utmos_cli.checkpoint import save_model
+    from msr_utmos_cli.spec_model import SpecModelConfig, SpecMOSModel
+
+    shrink = _load_script("shrink_spec")
+    torch.manual_seed(0)
+    teacher = SpecMOSModel(SpecModelConfig(cnn_channels=16, dim=16, heads=2, layers=2)).eval()
+    corpus = _shrink_corpus(tmp_path / "corpus")
+    paths = list(pd.read_csv(corpus / "manifest.csv").path)
+    mos = {p: 1.5 + 0.5 * i for i, p in enumerate(paths)}
+    student = shrink.prune(teacher, [16] * 6, head_layers=2)
+    task = shrink.ShrinkTask(teacher, student, corpus, 2, 3, mos, 0.0, absolute=True, low_share=1.0)
+    stream = task.batches(0, 1, seed=0, start=0)
+    seen = {}
+    for _ in range(12):
+        batch = next(stream)
+        seen[int(batch[1])] = bool(batch[3])
+    assert seen == {8000: False, 24000: True}  # a batch already at 8 kHz is never "presented" there
+    x, sr, labels, low = next(b for b in stream if bool(b[3]))
+    lifted = labels + 0.5
+    for flag, same in ((torch.tensor(True), True), (torch.tensor(False), False)):
+        a = task.loss((x, sr, labels, flag), 0)[0].item()
+        b = task.loss((x, sr, lifted, flag), 0)[0].item()
+        assert (abs(a - b) < 1e-6) == same, (flag, a, b)  # at 8 kHz only the ranks count
+    t_dir = save_model(teacher, tmp_path / "t", {})
+    targets = tmp_path / "targets.csv"
+    pd.DataFrame({"path": paths, "mos": [mos[p] for p in paths]}).to_csv(targets, index=False)
+    run = tmp_path / "run"
+    shrink.main(["--teacher", str(t_dir), "--corpus", str(corpus), "--out", str(run), "--targets", str(targets),
+                 "--low-rate-share", "0.5", "--batch-size", "2", "--ckpt-every", "1", "--valid-clips", "3",
+                 "--steps", "2"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    valid = [r["valid"] for r in records if "valid" in r]
+    assert len(valid) == 2 and all(v["srcc_both"] == pytest.approx((v["srcc"] + v["srcc8k"]) / 2) for v in valid)
+    with pytest.raises(SystemExit, match="needs head mode"):
+        shrink.main(["--teacher", str(t_dir), "--corpus", str(corpus), "--out", str(tmp_path / "x"),
+                     "--low-rate-share", "0.5", "--widths", "8,8,8,8,8,16"])
 
 
 def test_blend_teachers_weights_the_second_judge_where_it_orders_the_training_ladders_better(tmp_path, monkeypatch):
@@ -240,10 +312,12 @@ def test_blend_teachers_margin_orders_each_utterances_ladder_and_moves_nothing_e
     pd.DataFrame(first).to_csv(corpus / "teacher_distillmos.csv", index=False)
     out = tmp_path / "shift.csv"
     monkeypatch.setattr(sys, "argv", ["blend_teachers.py", "--corpus", str(corpus), "--out", str(out),
-                                      "--margin", "0.2"])
+                                      "--margin", "0.2", "--targets-out", str(tmp_path / "targets.csv")])
     blend.main()
     target = pd.read_csv(out).merge(pd.DataFrame(first), on="path")
     target["t"] = target.teacher_mos + target["shift"]
+    written = pd.read_csv(tmp_path / "targets.csv").merge(target, on="path")
+    assert len(written) == len(target) and np.allclose(written.mos, written.t, atol=2e-5)
     t = dict(zip(target.path, target.t))
     assert not any("u10" in p or "u11" in p for p in t)  # held-out clips get no target
     for u in range(10):
