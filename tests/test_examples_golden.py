@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # float32 kernels differ by CPU; one machine repeats them to the last bit
 
 
-@pytest.mark.parametrize("model", [None, "msr-utmos-spec-fast"])
+@pytest.mark.parametrize("model", [None, "msr-utmos-spec-distillmos"])
 def test_examples_score_as_pinned(model, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "s.csv"
@@ -30,9 +30,11 @@ def test_examples_score_as_pinned(model, tmp_path, monkeypatch):
     assert worst <= TOLERANCE, f"examples/ scores moved by up to {worst:.2e}"
 
 
-def test_the_fast_model_stays_near_the_default_on_the_examples():
-    """spec-fast was trained to match the default: its pinned scores must stay close to the default's."""
+def test_the_bundled_spectrogram_models_rank_the_examples_alike():
+    """The default and msr-utmos-spec-distillmos were fine-tuned from one network towards similar targets:
+    each example is a different kind of damage, and the two must put them in the same order."""
     default = pd.read_csv(ROOT / "tests/data/examples_scores.csv").set_index("path")["mos"]
-    fast = pd.read_csv(ROOT / "tests/data/examples_scores_msr-utmos-spec-fast.csv").set_index("path")["mos"]
-    assert sorted(fast.index) == sorted(default.index) and len(fast) >= 7
-    assert (fast - default.reindex(fast.index)).abs().max() <= 0.3
+    other = pd.read_csv(ROOT / "tests/data/examples_scores_msr-utmos-spec-distillmos.csv").set_index("path")["mos"]
+    assert sorted(other.index) == sorted(default.index) and len(other) >= 7
+    assert list(other.sort_values().index) == list(default.sort_values().index)
+    assert (other - default.reindex(other.index)).abs().max() <= 0.5
