@@ -2,7 +2,7 @@
 
     python benchmarks/bench_score.py --batch-sizes 1,4 [--devices cpu,cuda] [--precisions fp32,bf16]
                                      [--workers 0,4] [--files 24] [--base-files 6] [--repeats 3]
-                                     [--models bundled,msr-utmos-spec-fast]
+                                     [--models bundled,msr-utmos-spec-distillmos]
     python benchmarks/bench_score.py [--preset base] [--files 24] [--seconds 6] [--repeats 3] [--long-minutes 30]
 
 With --batch-sizes: `utmos score`'s engine (write_scores) over a mix of files of 1-30 s (log-uniform)
@@ -212,7 +212,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32")
     ap.add_argument("--workers", default="0", help="reader threads, e.g. 0,4")
     ap.add_argument("--base-files", type=int, default=6, help="files in the base preset's mix (0 skips it)")
-    ap.add_argument("--models", default="bundled", help="models timed on the mix, e.g. bundled,msr-utmos-spec-fast")
+    ap.add_argument("--models", default="bundled", help="models timed on the mix, e.g. bundled,msr-utmos-spec-distillmos")
     ap.add_argument("--rates", default=",".join(map(str, MIXED)), help="rates of the mix's files")
     ap.add_argument("--seconds-range", default="1,30", help="shortest,longest file of the mix (log-uniform)")
     args = ap.parse_args()
