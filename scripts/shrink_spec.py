@@ -35,7 +35,7 @@ validation clips at 8 kHz, and the step is chosen by the mean of the two SRCCs.
 
 With --high-band (head mode) the student gets the config's `high_band` term (a learned shift of the
 score's logit from the crop's energy above 8 kHz, which the STFT's bins never see), starting at zero
-and trained with the transformer at HIGH_BAND_LR_SCALE times its learning rate: the targets' known severity order (an mp3 at 64 kb/s, cut at
+and trained with the transformer: the targets' known severity order (an mp3 at 64 kb/s, cut at
 14 kHz, above the same speech at 32 kb/s, cut at 8 kHz) is what teaches it.
 """
 from __future__ import annotations
@@ -64,7 +64,6 @@ from blend_teachers import order_share, severity_pairs  # noqa: E402
 
 SEG_S, PAD_S, EDGE = 2.0, 2.0, 4  # segment length, zero padding after each clip, CNN columns not scored at each end
 LOW_RATE = 8000  # --low-rate-share presents batches here
-HIGH_BAND_LR_SCALE = 100.0  # the high-band term starts at zero with 41 weights: at the layers' lr it barely moves
 
 
 def kept_layers(layers: int, keep: int) -> list[int]:
@@ -155,9 +154,6 @@ class ShrinkTask:
         self.corpus, self.batch_size, self._teacher_valid = corpus, batch_size, None
 
     def param_groups(self) -> list[dict]:
-        if isinstance(self.model, torch.nn.ModuleDict):  # layers and the high-band term
-            return [{"params": list(self.model["layers"].parameters())},
-                    {"params": list(self.model["high_band"].parameters()), "lr_scale": HIGH_BAND_LR_SCALE}]
         return [{"params": list(self.model.parameters())}]
 
     def set_device(self, device: torch.device) -> None:
