@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .model import MOSModel, SavedConfig
-from .spec_stft import HIGH_BANDS_HZ, high_band_levels, sfi_stft
+from .spec_stft import sfi_stft
 
 ARCHITECTURE = "sfi-stft-transformer"
 
@@ -52,9 +52,6 @@ class SpecModelConfig(SavedConfig):
     input_rms_db: float | None = None
     input_trim_db: float | None = -40.0
     input_trim_margin_s: float = 0.0
-    # A small learned term on the crop's energy above 8 kHz (spec_stft.high_band_levels), which the
-    # 161 bins never see, added to the score's logit: lets a model hear bandwidth DistillMOS cannot.
-    high_band: bool = False
 
     @property
     def crop_s(self) -> float:
@@ -125,19 +122,17 @@ class PoolHead(nn.Module):
         self.pool.linear2 = nn.Linear(2 * cfg.dim, 1)
         self.pool.linear3 = nn.Linear(cfg.dim, 1)
 
-    def forward(self, feats: torch.Tensor, logit_shift: torch.Tensor | None = None) -> torch.Tensor:
-        return self.hidden_and_score(feats, logit_shift)[1]
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.hidden_and_score(feats)[1]
 
-    def hidden_and_score(self, feats: torch.Tensor, logit_shift: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_and_score(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Also the normed last hidden states, which a shallower head is taught to give:
-        (B, N, C) -> (B, N, D), (B,) in [0, 1]. `logit_shift` (B,) is added before the sigmoid."""
+        (B, N, C) -> (B, N, D), (B,) in [0, 1]."""
         x = self.norm_input(feats.transpose(1, 2)).transpose(1, 2)
         x = self.norm_trans(self.transformer(x).transpose(1, 2)).transpose(1, 2)
         p = self.pool
         att = torch.softmax(p.linear2(torch.relu(p.linear1(x))).transpose(1, 2), dim=2)  # (B, 1, N)
-        logit = p.linear3(torch.bmm(att, x)[:, 0])[:, 0]
-        return x, torch.sigmoid(logit if logit_shift is None else logit + logit_shift)
+        return x, torch.sigmoid(p.linear3(torch.bmm(att, x)[:, 0])[:, 0])
 
 
 class SpecMOSModel(nn.Module):
@@ -150,10 +145,6 @@ class SpecMOSModel(nn.Module):
         self.cfg = cfg
         self.cnn = SpecCNN(cfg)
         self.transformer_pool_attn = PoolHead(cfg, self.cnn.out_dim)
-        if cfg.high_band:
-            self.high_band = nn.Sequential(nn.Linear(len(HIGH_BANDS_HZ), 8), nn.Tanh(), nn.Linear(8, 1))
-            nn.init.zeros_(self.high_band[2].weight)  # a new term starts at 0: the model scores as before
-            nn.init.zeros_(self.high_band[2].bias)
 
     @property
     def device(self) -> torch.device:
@@ -184,13 +175,7 @@ class SpecMOSModel(nn.Module):
     def crop_scores(self, crops: torch.Tensor, sr: int, content: int | None = None) -> torch.Tensor:
         """(N, S) normalised crops -> MOS (N,) on 1-5. `content`: samples of real audio in a single
         zero-padded crop, so the CNN runs only where they reach (see features)."""
-        return 1 + 4 * self.transformer_pool_attn(self.features(crops, sr, content), self.high_band_shift(crops, sr))
-
-    def high_band_shift(self, crops: torch.Tensor, sr: int) -> torch.Tensor | None:
-        """(N, S) normalised crops -> the high-band term (N,) added to the score's logit, or None."""
-        if not self.cfg.high_band:
-            return None
-        return self.high_band(high_band_levels(crops, sr))[:, 0]
+        return 1 + 4 * self.transformer_pool_attn(self.features(crops, sr, content))
 
     def features(self, crops: torch.Tensor, sr: int, content: int | None = None) -> torch.Tensor:
         """(N, S) crops -> CNN features (N, crop_frames, D).

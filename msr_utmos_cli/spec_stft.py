@@ -97,28 +97,3 @@ def band_fill(bins: int, frames: int, level_db: float, compress: float, full: fl
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(max(frames, 768), 2, bins, generator=g, dtype=torch.float64)[:frames].transpose(0, 1)
     return (noise * (full * 10 ** (level_db / 20)) ** compress / math.sqrt(2)).float()
-
-
-HIGH_BANDS_HZ = ((9500, 13000), (13000, 17500), (17500, 24000))  # each starts ~1.5 kHz above a common Nyquist (8, 11.025-12, 16 kHz): past a resampler's roll-off
-
-
-def high_band_levels(x: torch.Tensor, fs: int, floor_db: float = -50.0, active_db: float = -40.0) -> torch.Tensor:
-    """How much a crop holds above 8 kHz, where the STFT above stops: for each band of HIGH_BANDS_HZ,
-    the mean over frames with audio (0.05-8 kHz energy within active_db of the crop's loudest frame)
-    of its energy re the 0.05-8 kHz band in dB, clamped to [floor_db, 0] and mapped to [0, 1].
-    0 means nothing there, as in every file at 16 kHz or below, so a file upsampled from 16 kHz
-    reads as its original does. 20 ms Hann frames, 10 ms apart, at the file's own rate. (N, S) -> (N, 3)."""
-    x = x.float()  # also under autocast: a 90 dB range
-    n_fft, hop = round(0.02 * fs), round(0.01 * fs)
-    window = torch.hann_window(n_fft, dtype=x.dtype, device=x.device)
-    power = torch.stft(x, n_fft, hop, window=window, center=False, return_complex=True).abs().square()  # (N, F, M)
-    hz = torch.arange(power.shape[1], device=x.device) * (fs / n_fft)
-    ref = power[:, (hz >= 50) & (hz < 8000)].sum(dim=1)  # (N, M)
-    live = (ref > ref.amax(dim=1, keepdim=True) * 10 ** (active_db / 10)).to(x.dtype)  # an all-zero crop: none
-    levels = []
-    for lo, hi in HIGH_BANDS_HZ:
-        band = power[:, (hz > lo) & (hz <= hi)].sum(dim=1)  # 0 where the band is above the Nyquist
-        db = (10 * torch.log10(band / (ref + 1e-20) + 1e-20)).clamp(floor_db, 0.0)
-        frames = live.sum(dim=1)
-        levels.append(torch.where(frames > 0, (db * live).sum(dim=1) / frames.clamp(min=1), floor_db))
-    return 1 - torch.stack(levels, dim=1) / floor_db

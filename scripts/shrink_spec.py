@@ -32,11 +32,6 @@ batch's mean removed from both sides, so the head learns to rank band-limited au
 judge ranks it without being told that losing the band above 4 kHz costs nothing. The hidden-state
 term there stays the teacher's own reading of the 8 kHz presentation. Validation then also scores the
 validation clips at 8 kHz, and the step is chosen by the mean of the two SRCCs.
-
-With --high-band (head mode) the student gets the config's `high_band` term (a learned shift of the
-score's logit from the crop's energy above 8 kHz, which the STFT's bins never see), starting at zero
-and trained with the transformer: the targets' known severity order (an mp3 at 64 kb/s, cut at
-14 kHz, above the same speech at 32 kb/s, cut at 8 kHz) is what teaches it.
 """
 from __future__ import annotations
 
@@ -71,19 +66,14 @@ def kept_layers(layers: int, keep: int) -> list[int]:
     return sorted({round(i * (layers - 1) / max(keep - 1, 1)) for i in range(keep)})
 
 
-def prune(teacher: SpecMOSModel, widths: list[int], head_layers: int | None = None,
-          high_band: bool = False) -> SpecMOSModel:
+def prune(teacher: SpecMOSModel, widths: list[int], head_layers: int | None = None) -> SpecMOSModel:
     """The teacher with each CNN layer cut to its `widths` strongest filters (L1 norm) and its transformer
     to `head_layers` of its layers; the head is copied and frozen (and eval: its BatchNorms keep the
-    teacher's statistics). `high_band`: the student has the high-band term (the teacher's, or a new
-    one that adds 0)."""
+    teacher's statistics)."""
     cfg = copy.deepcopy(teacher.cfg)
     cfg.cnn_widths = list(widths)
     cfg.layers = head_layers or teacher.cfg.layers
-    cfg.high_band = teacher.cfg.high_band or high_band
     student = SpecMOSModel(cfg)
-    if teacher.cfg.high_band:
-        student.high_band.load_state_dict(teacher.high_band.state_dict())
     prefix = "transformer.transformer_encoder.layers."
     new_index = {old: new for new, old in enumerate(kept_layers(teacher.cfg.layers, cfg.layers))}
     head = {}
@@ -126,8 +116,6 @@ class ShrinkTask:
         if self.head_mode:
             student.cnn.requires_grad_(False)
             self.model = student.transformer_pool_attn.transformer.transformer_encoder.requires_grad_(True)
-            if student.cfg.high_band:  # trained, and kept in the trainer's checkpoints, with the layers
-                self.model = torch.nn.ModuleDict({"layers": self.model, "high_band": student.high_band})
         else:
             self.model = student.cnn
         self.norm = teacher.transformer_pool_attn.norm_input  # fixed affine in eval mode
@@ -203,8 +191,7 @@ class ShrinkTask:
                     x = x / (x.abs().amax(dim=1, keepdim=True) + 1e-8)
                     feats = self.student.cnn(sfi_stft(x, LOW_RATE, frames, self.student.cfg))
                     hidden_t, _ = self.teacher.transformer_pool_attn.hidden_and_score(feats)
-            hidden, score = self.student.transformer_pool_attn.hidden_and_score(
-                feats, self.student.high_band_shift(x, LOW_RATE if low else int(sr)))
+            hidden, score = self.student.transformer_pool_attn.hidden_and_score(feats)
             mse = torch.nn.functional.mse_loss
             if low:  # ranks, not level: the batch's mean is taken off both sides
                 score, target = score - score.mean(), target - target.mean()
@@ -272,7 +259,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--targets", type=Path, help="CSV path,mos: each clip's crop-score target itself (see above)")
     ap.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state term (head mode)")
     ap.add_argument("--low-rate-share", type=float, default=0.0, help="share of batches presented at 8 kHz (head mode)")
-    ap.add_argument("--high-band", action="store_true", help="add and train the high-band term (head mode)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -298,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     most = teacher.cfg.layers - (shift is None)
     if args.head_layers is not None and not 1 <= args.head_layers <= most:
         raise SystemExit(f"error: --head-layers must be 1-{most} (the teacher has {teacher.cfg.layers})")
-    student = prune(teacher, widths, args.head_layers, high_band=args.high_band)
+    student = prune(teacher, widths, args.head_layers)
     task = ShrinkTask(teacher, student, args.corpus, args.batch_size, args.valid_clips, shift, args.hidden_weight,
                       absolute=args.targets is not None, low_share=args.low_rate_share)
     cfg = TrainConfig(out_dir=str(args.out), max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,

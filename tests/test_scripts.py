@@ -327,32 +327,3 @@ def test_blend_teachers_margin_orders_each_utterances_ladder_and_moves_nothing_e
     moved = target[target["shift"].abs() > 1e-4].path
     assert not any(p.startswith(f"audio/u{u}_") for p in moved for u in range(1, 6))  # ordered ladders stay
     assert set(moved) >= {"audio/u0_0.flac", "audio/u0_pink1.flac"}
-
-
-def test_shrink_spec_high_band_adds_a_term_that_trains_and_resumes(tmp_path):
-    import json
-
-    from msr_utmos_cli import load_model
-    from msr_utmos_cli.checkpoint import save_model
-    from msr_utmos_cli.spec_model import SpecModelConfig, SpecMOSModel
-
-    shrink = _load_script("shrink_spec")
-    torch.manual_seed(0)
-    teacher = SpecMOSModel(SpecModelConfig(cnn_channels=16, dim=16, heads=2, layers=2)).eval()
-    t_dir = save_model(teacher, tmp_path / "t", {})
-    corpus = _shrink_corpus(tmp_path / "corpus")
-    rows = pd.read_csv(corpus / "manifest.csv")
-    targets = tmp_path / "targets.csv"
-    pd.DataFrame({"path": rows.path, "mos": 2.0 + 0.5 * rows.index}).to_csv(targets, index=False)
-    run = tmp_path / "run"
-    args = ["--teacher", str(t_dir), "--corpus", str(corpus), "--out", str(run), "--targets", str(targets),
-            "--high-band", "--batch-size", "2", "--ckpt-every", "1", "--valid-clips", "3", "--lr", "0.01"]
-    shrink.main(args + ["--steps", "2"])
-    shrink.main(args + ["--steps", "3", "--resume"])
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "valid" in r] == [1, 2, 3]
-    last = torch.load(run / "last" / "trainer_state.pt", weights_only=True)["model"]
-    assert any(k.startswith("high_band.") for k in last)  # the term is in the trainer's state, so --resume keeps it
-    model = load_model(run / "model", device="cpu")
-    assert model.cfg.high_band and model.high_band[2].weight.abs().sum() > 0  # it trained away from zero
-    assert load_model(t_dir, "cpu").cfg.high_band is False
