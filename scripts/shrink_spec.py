@@ -178,19 +178,17 @@ class ShrinkTask:
     def loss(self, batch, step: int):
         x, sr, shift, low = batch
         if self.head_mode:
-            frames = 2 * self.student.cfg.crop_frames
             with torch.no_grad():
-                feats = self.student.cnn(sfi_stft(x, int(sr), frames, self.student.cfg))
-                hidden_t, score_t = self.teacher.transformer_pool_attn.hidden_and_score(feats)
-                if self.absolute:
-                    target = ((shift.to(score_t) - 1) / 4).clamp(0, 1)  # the head's score is (MOS - 1) / 4
-                else:
+                if self.absolute:  # the head's score is (MOS - 1) / 4
+                    target = ((shift.to(x) - 1) / 4).clamp(0, 1)
+                else:  # the teacher's full-band crop score, shifted
+                    feats, hidden_t, score_t = self._teacher_view(x, int(sr))
                     target = (score_t + shift.to(score_t) / 4).clamp(0, 1)
                 if low:  # (B, T) at sr -> (B, T') at 8 kHz, each row peak-normalised as scoring does
-                    x = resample(x, int(sr), LOW_RATE)
-                    x = x / (x.abs().amax(dim=1, keepdim=True) + 1e-8)
-                    feats = self.student.cnn(sfi_stft(x, LOW_RATE, frames, self.student.cfg))
-                    hidden_t, _ = self.teacher.transformer_pool_attn.hidden_and_score(feats)
+                    x8 = resample(x, int(sr), LOW_RATE)
+                    feats, hidden_t, _ = self._teacher_view(x8 / (x8.abs().amax(dim=1, keepdim=True) + 1e-8), LOW_RATE)
+                elif self.absolute:
+                    feats, hidden_t, _ = self._teacher_view(x, int(sr))
             hidden, score = self.student.transformer_pool_attn.hidden_and_score(feats)
             mse = torch.nn.functional.mse_loss
             if low:  # ranks, not level: the batch's mean is taken off both sides
@@ -203,6 +201,12 @@ class ShrinkTask:
         out = self.norm(self.model(spec).transpose(1, 2))
         loss = torch.nn.functional.mse_loss(out[..., EDGE:-EDGE], target[..., EDGE:-EDGE])
         return loss, {}
+
+    def _teacher_view(self, x: torch.Tensor, sr: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Head mode: the shared frozen CNN's features of whole crops and the teacher's reading of them:
+        (B, T) -> (B, N, C), its normed last hidden states (B, N, D) and crop scores (B,) in [0, 1]."""
+        feats = self.student.cnn(sfi_stft(x, sr, 2 * self.student.cfg.crop_frames, self.student.cfg))
+        return feats, *self.teacher.transformer_pool_attn.hidden_and_score(feats)
 
     def audio_seconds(self, batch) -> float:
         return (self.student.cfg.crop_s if self.head_mode else SEG_S) * batch[0].shape[0]

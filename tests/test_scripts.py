@@ -146,16 +146,21 @@ def test_shrink_spec_head_mode_keeps_spaced_layers_and_trains_only_them(tmp_path
         shrink.main(["--teacher", str(t_dir), "--out", str(tmp_path / "x"), "--head-layers", "3"])
 
 
-def test_shrink_spec_score_shift_retargets_the_whole_head_towards_the_shifted_teacher(tmp_path):
-    from msr_utmos_cli import load_model
+def _head_setup(tmp_path):
+    """A tiny 2-layer spectrogram teacher saved to tmp_path/t, and the 6-clip corpus: for head-mode runs."""
     from msr_utmos_cli.checkpoint import save_model
     from msr_utmos_cli.spec_model import SpecModelConfig, SpecMOSModel
 
-    shrink = _load_script("shrink_spec")
     torch.manual_seed(0)
     teacher = SpecMOSModel(SpecModelConfig(cnn_channels=16, dim=16, heads=2, layers=2)).eval()
-    t_dir = save_model(teacher, tmp_path / "t", {})
-    corpus = _shrink_corpus(tmp_path / "corpus")
+    return teacher, save_model(teacher, tmp_path / "t", {}), _shrink_corpus(tmp_path / "corpus")
+
+
+def test_shrink_spec_score_shift_retargets_the_whole_head_towards_the_shifted_teacher(tmp_path):
+    from msr_utmos_cli import load_model
+
+    shrink = _load_script("shrink_spec")
+    teacher, t_dir, corpus = _head_setup(tmp_path)
     paths = [r["path"] for r in csv.DictReader(open(corpus / "manifest.csv"))]
     shift_csv = tmp_path / "shift.csv"
     with open(shift_csv, "w", newline="") as f:
@@ -180,14 +185,9 @@ def test_shrink_spec_score_shift_retargets_the_whole_head_towards_the_shifted_te
 
 def test_shrink_spec_targets_pull_the_head_to_the_labels_themselves(tmp_path):
     from msr_utmos_cli import load_model
-    from msr_utmos_cli.checkpoint import save_model
-    from msr_utmos_cli.spec_model import SpecModelConfig, SpecMOSModel
 
     shrink = _load_script("shrink_spec")
-    torch.manual_seed(0)
-    teacher = SpecMOSModel(SpecModelConfig(cnn_channels=16, dim=16, heads=2, layers=2)).eval()
-    t_dir = save_model(teacher, tmp_path / "t", {})
-    corpus = _shrink_corpus(tmp_path / "corpus")
+    teacher, t_dir, corpus = _head_setup(tmp_path)
     wave = torch.from_numpy(speechlike(16000, 2.0, seed=7))
     before = float(teacher.score(wave, 16000)[0])
     goal = 1.2 if before > 3 else 4.8  # every clip's label, far from what the teacher says
@@ -209,13 +209,8 @@ def test_shrink_spec_targets_pull_the_head_to_the_labels_themselves(tmp_path):
 def test_shrink_spec_low_rate_share_presents_batches_at_8k_and_fits_ranks_not_level(tmp_path):
     import json
 
-    from msr_utmos_cli.checkpoint import save_model
-    from msr_utmos_cli.spec_model import SpecModelConfig, SpecMOSModel
-
     shrink = _load_script("shrink_spec")
-    torch.manual_seed(0)
-    teacher = SpecMOSModel(SpecModelConfig(cnn_channels=16, dim=16, heads=2, layers=2)).eval()
-    corpus = _shrink_corpus(tmp_path / "corpus")
+    teacher, t_dir, corpus = _head_setup(tmp_path)
     paths = list(pd.read_csv(corpus / "manifest.csv").path)
     mos = {p: 1.5 + 0.5 * i for i, p in enumerate(paths)}
     student = shrink.prune(teacher, [16] * 6, head_layers=2)
@@ -232,7 +227,6 @@ def test_shrink_spec_low_rate_share_presents_batches_at_8k_and_fits_ranks_not_le
         a = task.loss((x, sr, labels, flag), 0)[0].item()
         b = task.loss((x, sr, lifted, flag), 0)[0].item()
         assert (abs(a - b) < 1e-6) == same, (flag, a, b)  # at 8 kHz only the ranks count
-    t_dir = save_model(teacher, tmp_path / "t", {})
     targets = tmp_path / "targets.csv"
     pd.DataFrame({"path": paths, "mos": [mos[p] for p in paths]}).to_csv(targets, index=False)
     run = tmp_path / "run"
