@@ -8,7 +8,9 @@ that no training clip has, each utterance clean and along full severity ladders 
 never trained on), stored at one of 16 / 24 / 44.1 / 48 kHz. For the model and its peers on the same clips:
 
 1. Severity order: pairs of the same utterance and degradation type (clean = severity 0) ranked the
-   right way round (more severe -> lower; a tie counts half), overall and per type.
+   right way round (more severe -> lower; a tie counts half), overall, per type and per source: the
+   recorded human speech (klettres-data words) apart from each synthesiser (espeak-ng, festival, flite),
+   because a judge can be right about people and wrong about formant synthesis, or the reverse.
 2. Agreement with DistillMOS (at 16 kHz, its own rate): SRCC and mean absolute difference with each
    clip at its own rate and presented at each of --rates (band-limited resampling from the file; ''
    for none, a quick run of the whole split), and per language. With the distillmos peer, DistillMOS
@@ -89,11 +91,13 @@ def model_score(model, wave: torch.Tensor, sr: int) -> float:
 
 # --- the five measurements ---------------------------------------------------------------------
 def severity(rows: list[dict], scores: dict[str, list[float]]) -> dict:
-    """{judge: {"all": share, type: share}} over same-utterance pairs."""
+    """{judge: {"all": share, type: share, "source:" + source: share}} over same-utterance pairs."""
     pairs = severity_pairs(rows, "utt_id")
     by_type = defaultdict(list)
     for p in pairs:
         by_type[p[2]].append(p)
+    for p in pairs:  # after the types, so the tables list them first
+        by_type["source:" + rows[p[0]].get("source", "?")].append(p)
 
     def share(ps, s):
         return statistics.fmean(1.0 if s[a] > s[b] else 0.5 if s[a] == s[b] else 0.0 for a, b, _ in ps)
@@ -148,7 +152,8 @@ def print_tables(res: dict) -> None:
     print(f"| severity order, all {sev[judges[0]]['pairs']} pairs | " + " | ".join(f"{sev[j]['all']:.3f}" for j in judges) + " |")
     types = [k for k in sev[judges[0]] if k not in ("all", "pairs")]
     for t in types:
-        print(f"| severity order, {t} | " + " | ".join(f"{sev[j][t]:.3f}" for j in judges) + " |")
+        label = f"{t[7:]} voices only" if t.startswith("source:") else t
+        print(f"| severity order, {label} | " + " | ".join(f"{sev[j][t]:.3f}" for j in judges) + " |")
     for r, a in res["agreement"].items():
         cells = [f"{a[j]['srcc']:.3f} / {a[j]['mad']:.2f}" if j in a else "1 / 0" if j == "distillmos" else "–"
                  for j in judges]

@@ -62,7 +62,11 @@ def test_severity_counts_pairs_the_right_way_round():
     good, bad, tie = [4.0, 3.0, 2.0], [2.0, 3.0, 4.0], [3.0, 3.0, 3.0]
     out = eh.severity(rows, {"good": good, "bad": bad, "tie": tie})
     assert out["good"]["all"] == 1.0 and out["bad"]["all"] == 0.0 and out["tie"]["all"] == 0.5
-    assert out["good"]["pairs"] == 3 and out["good"]["noise"] == 1.0
+    assert out["good"]["pairs"] == 3 and out["good"]["noise"] == 1.0 and out["good"]["source:?"] == 1.0
+    rows = [{**r, "source": "people"} for r in rows] + [{**r, "utt_id": "b", "source": "robot"} for r in rows]
+    out = eh.severity(rows, {"people_only": good + bad})  # right on the recorded voice, wrong on the synthetic
+    assert out["people_only"]["source:people"] == 1.0 and out["people_only"]["source:robot"] == 0.0
+    assert out["people_only"]["all"] == 0.5 and out["people_only"]["pairs"] == 6
 
 
 def test_level_and_silence_see_a_judge_that_hears_level_or_padding():
