@@ -36,7 +36,9 @@ validation clips at 8 kHz, and the step is chosen by the mean of the two SRCCs.
 With --rank-weight W (head mode) each crop also gets a worse copy of itself, made on the fly by one of
 the training corpus' own DSP recipes at a random strength (white or pink noise at 5-35 dB SNR, hard
 clipping at 5-50 % of the peak, 2-20 % of 20 ms frames zeroed), presented like the crop, and the loss
-adds W times a smoothed hinge that asks the student to score the copy at least RANK_MARGIN MOS lower.
+adds W times the squared error of the student's gap between crop and copy (MOS) against the
+teacher's own gap, raised to at least m = --rank-margin: the order is enforced where the teacher gets
+it wrong, and elsewhere the gap stays the teacher's, so the scale is not stretched.
 Why: both judges score some content higher with noise added (formant synthesis under pink noise), and
 the severity order of the same content is what a regression gate relies on; the targets alone cannot
 say it, because each training utterance has only three clips. The held-out recipes (AAC, reverb,
@@ -72,7 +74,6 @@ from build_corpus import add_noise, pink_noise  # noqa: E402
 SEG_S, PAD_S, EDGE = 2.0, 2.0, 4  # segment length, zero padding after each clip, CNN columns not scored at each end
 LOW_RATE = 8000  # --low-rate-share presents batches here
 RANK_KINDS = ("noise_white", "noise_pink", "clipping", "packet_loss")  # training recipes only
-RANK_MARGIN, RANK_SMOOTH = 0.05, 0.05  # MOS: the copy should score this much lower; softplus width
 
 
 def worse_copy(x: np.ndarray, sr: int, rng: np.random.Generator) -> np.ndarray:
@@ -136,14 +137,14 @@ class ShrinkTask:
 
     def __init__(self, teacher: SpecMOSModel, student: SpecMOSModel, corpus: Path, batch_size: int,
                  valid_clips: int, shift: dict[str, float] | None = None, hidden_weight: float = 1.0,
-                 absolute: bool = False, low_share: float = 0.0, rank_weight: float = 0.0):
+                 absolute: bool = False, low_share: float = 0.0, rank_weight: float = 0.0, rank_margin: float = 0.05):
         """shift: MOS added to the teacher's crop score per clip, or with `absolute` the clip's target MOS."""
         self.head_mode = student.cfg.layers < teacher.cfg.layers or shift is not None
         for name, value in (("--low-rate-share", low_share), ("--rank-weight", rank_weight)):
             if value and not self.head_mode:
                 raise SystemExit(f"error: {name} needs head mode (--head-layers, --score-shift or --targets)")
         self.hidden_weight, self.absolute, self.low_share = hidden_weight, absolute, low_share
-        self.rank_weight, self._worse_valid = rank_weight, None
+        self.rank_weight, self.rank_margin, self._worse_valid = rank_weight, rank_margin, None
         self.teacher, self.student = teacher.eval(), student
         if self.head_mode:
             student.cnn.requires_grad_(False)
@@ -222,20 +223,22 @@ class ShrinkTask:
                     feats, hidden_t, score_t = self._teacher_view(x, int(sr))
                     target = (score_t + shift.to(score_t) / 4).clamp(0, 1)
                 if low or self.absolute:
-                    feats, hidden_t, _ = self._teacher_view(*self._present(x, int(sr), low))
-                if self.rank_weight:
+                    feats, hidden_t, score_t = self._teacher_view(*self._present(x, int(sr), low))
+                if self.rank_weight:  # the teacher's gap between crop and copy, at least the margin (MOS)
                     feats_w = self._features(*self._present(worse, int(sr), low))
+                    gap_t = (4 * (score_t - self.teacher.transformer_pool_attn.hidden_and_score(feats_w)[1])
+                             ).clamp(min=self.rank_margin)
             hidden, score = self.student.transformer_pool_attn.hidden_and_score(feats)
             extra = {}
-            if self.rank_weight:  # (B,) MOS by which each crop beats its worse copy; wanted >= RANK_MARGIN
-                gap = 4 * (score - self.student.transformer_pool_attn.hidden_and_score(feats_w)[1])
-                hinge = RANK_SMOOTH * torch.nn.functional.softplus((RANK_MARGIN - gap) / RANK_SMOOTH).mean()
-                extra = {"rank_hinge": hinge.detach().item(), "rank_order": (gap > 0).float().mean().item()}
             mse = torch.nn.functional.mse_loss
+            if self.rank_weight:  # (B,) MOS by which the student scores each crop above its worse copy
+                gap = 4 * (score - self.student.transformer_pool_attn.hidden_and_score(feats_w)[1])
+                rank = mse(gap, gap_t)
+                extra = {"rank_loss": rank.detach().item(), "rank_order": (gap > 0).float().mean().item()}
             if low:  # ranks, not level: the batch's mean is taken off both sides
                 score, target = score - score.mean(), target - target.mean()
             loss = self.hidden_weight * mse(hidden, hidden_t) + mse(4 * score, 4 * target)  # on the 1-5 scale
-            return (loss + self.rank_weight * hinge if self.rank_weight else loss), extra
+            return (loss + self.rank_weight * rank if self.rank_weight else loss), extra
         frames = int(SEG_S * self.student.cfg.frames_per_s)
         spec = sfi_stft(x, int(sr), frames, self.student.cfg)  # (B, 2, K, M)
         with torch.no_grad():
@@ -337,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--low-rate-share", type=float, default=0.0, help="share of batches presented at 8 kHz (head mode)")
     ap.add_argument("--rank-weight", type=float, default=0.0,
                     help="weight of the worse-copy ranking term (head mode, see above)")
+    ap.add_argument("--rank-margin", type=float, default=0.05, help="MOS the worse copy should lose (see above)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -348,8 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     teacher = load_model(args.teacher, device="cpu")
     if args.score_shift and args.targets:
         raise SystemExit("error: give --score-shift or --targets, not both")
-    if args.rank_weight < 0:
-        raise SystemExit("error: --rank-weight must be >= 0")
+    if args.rank_weight < 0 or args.rank_margin <= 0:
+        raise SystemExit("error: --rank-weight must be >= 0 and --rank-margin > 0")
     if not 0 <= args.low_rate_share <= 1:
         raise SystemExit("error: --low-rate-share must be between 0 and 1")
     shift = None
@@ -366,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --head-layers must be 1-{most} (the teacher has {teacher.cfg.layers})")
     student = prune(teacher, widths, args.head_layers)
     task = ShrinkTask(teacher, student, args.corpus, args.batch_size, args.valid_clips, shift, args.hidden_weight,
-                      absolute=args.targets is not None, low_share=args.low_rate_share, rank_weight=args.rank_weight)
+                      absolute=args.targets is not None, low_share=args.low_rate_share, rank_weight=args.rank_weight,
+                      rank_margin=args.rank_margin)
     cfg = TrainConfig(out_dir=str(args.out), max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=min(50, args.steps // 10), ckpt_every=args.ckpt_every, device="cpu")
     metric = "srcc_rank" if args.rank_weight else "srcc_both" if args.low_rate_share else "srcc"
