@@ -32,19 +32,6 @@ batch's mean removed from both sides, so the head learns to rank band-limited au
 judge ranks it without being told that losing the band above 4 kHz costs nothing. The hidden-state
 term there stays the teacher's own reading of the 8 kHz presentation. Validation then also scores the
 validation clips at 8 kHz, and the step is chosen by the mean of the two SRCCs.
-
-With --rank-weight W (head mode) each crop also gets a worse copy of itself, made on the fly by one of
-the training corpus' own DSP recipes at a random strength (white or pink noise at 5-35 dB SNR, hard
-clipping at 5-50 % of the peak, 2-20 % of 20 ms frames zeroed), presented like the crop, and the loss
-adds W times the squared error of the student's gap between crop and copy (MOS) against the
-teacher's own gap, raised to at least m = --rank-margin: the order is enforced where the teacher gets
-it wrong, and elsewhere the gap stays the teacher's, so the scale is not stretched.
-Why: both judges score some content higher with noise added (formant synthesis under pink noise), and
-the severity order of the same content is what a regression gate relies on; the targets alone cannot
-say it, because each training utterance has only three clips. The held-out recipes (AAC, reverb,
-Griffin-Lim) are never used. Validation then also reports `rank`, the share of validation clips scored
-above such a copy of themselves (fixed seed), and the step is chosen by the mean of it and the SRCC
-metric.
 """
 from __future__ import annotations
 
@@ -69,27 +56,9 @@ from msr_utmos_cli.training.train import TrainConfig, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from blend_teachers import order_share, severity_pairs  # noqa: E402
-from build_corpus import add_noise, pink_noise  # noqa: E402
 
 SEG_S, PAD_S, EDGE = 2.0, 2.0, 4  # segment length, zero padding after each clip, CNN columns not scored at each end
 LOW_RATE = 8000  # --low-rate-share presents batches here
-RANK_KINDS = ("noise_white", "noise_pink", "clipping", "packet_loss")  # training recipes only
-
-
-def worse_copy(x: np.ndarray, sr: int, rng: np.random.Generator) -> np.ndarray:
-    """A degraded copy of a peak-normalised crop (T,) -> (T,), peak-normalised again as scoring does."""
-    kind = RANK_KINDS[int(rng.integers(len(RANK_KINDS)))]
-    if kind.startswith("noise"):
-        noise = rng.standard_normal(x.size) if kind == "noise_white" else pink_noise(x.size, rng)
-        y = add_noise(x, noise, rng.uniform(5.0, 35.0))
-    elif kind == "clipping":
-        level = rng.uniform(0.05, 0.5) * np.abs(x).max()
-        y = np.clip(x, -level, level)
-    else:
-        frame = int(0.02 * sr)
-        lost = np.repeat(rng.random(-(-x.size // frame)) < rng.uniform(0.02, 0.2), frame)[: x.size]
-        y = np.where(lost, 0.0, x)
-    return (y / (np.abs(y).max() + 1e-8)).astype(np.float32)
 
 
 def kept_layers(layers: int, keep: int) -> list[int]:
@@ -137,14 +106,12 @@ class ShrinkTask:
 
     def __init__(self, teacher: SpecMOSModel, student: SpecMOSModel, corpus: Path, batch_size: int,
                  valid_clips: int, shift: dict[str, float] | None = None, hidden_weight: float = 1.0,
-                 absolute: bool = False, low_share: float = 0.0, rank_weight: float = 0.0, rank_margin: float = 0.05):
+                 absolute: bool = False, low_share: float = 0.0):
         """shift: MOS added to the teacher's crop score per clip, or with `absolute` the clip's target MOS."""
         self.head_mode = student.cfg.layers < teacher.cfg.layers or shift is not None
-        for name, value in (("--low-rate-share", low_share), ("--rank-weight", rank_weight)):
-            if value and not self.head_mode:
-                raise SystemExit(f"error: {name} needs head mode (--head-layers, --score-shift or --targets)")
+        if low_share and not self.head_mode:
+            raise SystemExit("error: --low-rate-share needs head mode (--head-layers, --score-shift or --targets)")
         self.hidden_weight, self.absolute, self.low_share = hidden_weight, absolute, low_share
-        self.rank_weight, self.rank_margin, self._worse_valid = rank_weight, rank_margin, None
         self.teacher, self.student = teacher.eval(), student
         if self.head_mode:
             student.cnn.requires_grad_(False)
@@ -182,14 +149,13 @@ class ShrinkTask:
         self.student.to(device)
 
     def segment(self, i: int, rng: np.random.Generator) -> np.ndarray:
-        """CNN mode: SEG_S of a clip followed by PAD_S of zeros. Head mode: one crop as scoring makes it,
-        before its zero padding to the crop length (a short clip is padded, not looped)."""
+        """CNN mode: SEG_S of a clip followed by PAD_S of zeros. Head mode: one whole crop as scoring makes it."""
         x, sr = sf.read(self.corpus / self.train.path[i], dtype="float32", always_2d=True)
         x = x[:, 0] / (np.abs(x[:, 0]).max() + 1e-8)  # peak-normalised, as a crop
         if self.head_mode:
             n = round(self.student.cfg.crop_s * sr)
             start = int(rng.integers(0, max(len(x) - n, 0) + 1))
-            return x[start:start + n]
+            return np.pad(x[start:start + n], (0, max(n - len(x), 0)))
         x = np.concatenate([x, np.zeros(int(PAD_S * sr), np.float32)])  # crops end in zero padding
         n = int(SEG_S * sr)
         if len(x) < n:
@@ -204,17 +170,13 @@ class ShrinkTask:
             sr = self.rates[rng.choice(len(self.rates), p=self.rate_p)]
             idx = rng.choice(self.by_rate[sr], size=self.batch_size)
             segs = [self.segment(int(i), rng) for i in idx]
-            worse = [worse_copy(s, sr, rng) for s in segs] if self.rank_weight else []  # no draws when off
             low = bool(self.low_share) and sr > LOW_RATE and rng.random() < self.low_share  # no draw when off
-            if self.head_mode:
-                n = round(self.student.cfg.crop_s * sr)
-                segs, worse = ([np.pad(s, (0, n - len(s))) for s in group] for group in (segs, worse))
             yield (torch.from_numpy(np.stack(segs)), torch.tensor(sr), torch.from_numpy(self.train_shift[idx]),
-                   torch.tensor(low), torch.from_numpy(np.stack(worse)) if worse else torch.empty(0))
+                   torch.tensor(low))
             step += 1
 
     def loss(self, batch, step: int):
-        x, sr, shift, low, worse = batch
+        x, sr, shift, low = batch
         if self.head_mode:
             with torch.no_grad():
                 if self.absolute:  # the head's score is (MOS - 1) / 4
@@ -222,23 +184,16 @@ class ShrinkTask:
                 else:  # the teacher's full-band crop score, shifted
                     feats, hidden_t, score_t = self._teacher_view(x, int(sr))
                     target = (score_t + shift.to(score_t) / 4).clamp(0, 1)
-                if low or self.absolute:
-                    feats, hidden_t, score_t = self._teacher_view(*self._present(x, int(sr), low))
-                if self.rank_weight:  # the teacher's gap between crop and copy, at least the margin (MOS)
-                    feats_w = self._features(*self._present(worse, int(sr), low))
-                    gap_t = (4 * (score_t - self.teacher.transformer_pool_attn.hidden_and_score(feats_w)[1])
-                             ).clamp(min=self.rank_margin)
+                if low:  # (B, T) at sr -> (B, T') at 8 kHz, each row peak-normalised as scoring does
+                    x8 = resample(x, int(sr), LOW_RATE)
+                    feats, hidden_t, _ = self._teacher_view(x8 / (x8.abs().amax(dim=1, keepdim=True) + 1e-8), LOW_RATE)
+                elif self.absolute:
+                    feats, hidden_t, _ = self._teacher_view(x, int(sr))
             hidden, score = self.student.transformer_pool_attn.hidden_and_score(feats)
-            extra = {}
             mse = torch.nn.functional.mse_loss
-            if self.rank_weight:  # (B,) MOS by which the student scores each crop above its worse copy
-                gap = 4 * (score - self.student.transformer_pool_attn.hidden_and_score(feats_w)[1])
-                rank = mse(gap, gap_t)
-                extra = {"rank_loss": rank.detach().item(), "rank_order": (gap > 0).float().mean().item()}
             if low:  # ranks, not level: the batch's mean is taken off both sides
                 score, target = score - score.mean(), target - target.mean()
-            loss = self.hidden_weight * mse(hidden, hidden_t) + mse(4 * score, 4 * target)  # on the 1-5 scale
-            return (loss + self.rank_weight * rank if self.rank_weight else loss), extra
+            return self.hidden_weight * mse(hidden, hidden_t) + mse(4 * score, 4 * target), {}  # on the 1-5 scale
         frames = int(SEG_S * self.student.cfg.frames_per_s)
         spec = sfi_stft(x, int(sr), frames, self.student.cfg)  # (B, 2, K, M)
         with torch.no_grad():
@@ -247,48 +202,23 @@ class ShrinkTask:
         loss = torch.nn.functional.mse_loss(out[..., EDGE:-EDGE], target[..., EDGE:-EDGE])
         return loss, {}
 
-    @staticmethod
-    def _present(x: torch.Tensor, sr: int, low: bool) -> tuple[torch.Tensor, int]:
-        """(B, T) at sr -> as trained: unchanged, or at 8 kHz with each row peak-normalised as scoring does."""
-        if not low:
-            return x, sr
-        x8 = resample(x, sr, LOW_RATE)
-        return x8 / (x8.abs().amax(dim=1, keepdim=True) + 1e-8), LOW_RATE
-
-    def _features(self, x: torch.Tensor, sr: int) -> torch.Tensor:
-        """Head mode: the shared frozen CNN's features of whole crops, (B, T) -> (B, N, C)."""
-        return self.student.cnn(sfi_stft(x, sr, 2 * self.student.cfg.crop_frames, self.student.cfg))
-
     def _teacher_view(self, x: torch.Tensor, sr: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Head mode: the features of whole crops (B, N, C) and the teacher's reading of them: its normed
-        last hidden states (B, N, D) and crop scores (B,) in [0, 1]."""
-        feats = self._features(x, sr)
+        """Head mode: the shared frozen CNN's features of whole crops and the teacher's reading of them:
+        (B, T) -> (B, N, C), its normed last hidden states (B, N, D) and crop scores (B,) in [0, 1]."""
+        feats = self.student.cnn(sfi_stft(x, sr, 2 * self.student.cfg.crop_frames, self.student.cfg))
         return feats, *self.teacher.transformer_pool_attn.hidden_and_score(feats)
 
     def audio_seconds(self, batch) -> float:
         return (self.student.cfg.crop_s if self.head_mode else SEG_S) * batch[0].shape[0]
 
-    def _worse_valid_waves(self) -> list[tuple[torch.Tensor, int]]:
-        """Each validation clip's worse copy (as in training, seeded by its index), made once."""
-        if self._worse_valid is None:
-            self._worse_valid = []
-            for i, p in enumerate(self.valid):
-                x, sr = sf.read(p, dtype="float32", always_2d=True)
-                x = x[:, 0] / (np.abs(x[:, 0]).max() + 1e-8)
-                self._worse_valid.append((torch.from_numpy(worse_copy(x, sr, np.random.default_rng([7, i]))), sr))
-        return self._worse_valid
-
-    def _scores(self, model: SpecMOSModel, rate: int | None = None, waves=None) -> np.ndarray:
-        """Scores of the validation clips (at `rate` where given and lower than the file's), or of
-        `waves` [(wave, sr)]; NaN where scoring refuses one (an all-silent clip, say)."""
+    def _scores(self, model: SpecMOSModel, rate: int | None = None) -> np.ndarray:
+        """Scores of the validation clips (at `rate` where given and lower than the file's); NaN where
+        scoring refuses one (an all-silent clip, say)."""
         model.forget_zero_features()  # the all-zero crop's features change as the CNN trains
         out = []
-        for item in waves or self.valid:
-            if waves is None:
-                x, sr = sf.read(item, dtype="float32", always_2d=True)
-                w = torch.from_numpy(x[:, 0])
-            else:
-                w, sr = item
+        for p in self.valid:
+            x, sr = sf.read(p, dtype="float32", always_2d=True)
+            w = torch.from_numpy(x[:, 0])
             if rate and rate < sr:
                 w, sr = resample(w, sr, rate), rate
             try:
@@ -314,11 +244,6 @@ class ShrinkTask:
             ok8 = np.isfinite(s8) & np.isfinite(t)
             out["srcc8k"] = float(pd.Series(s8[ok8]).corr(pd.Series(t[ok8]), method="spearman"))
             out["srcc_both"] = (srcc + out["srcc8k"]) / 2
-        if self.rank_weight:
-            worse = self._scores(self.student, waves=self._worse_valid_waves())
-            okw = ok & np.isfinite(worse)
-            out["rank"] = float((s[okw] > worse[okw]).mean())
-            out["srcc_rank"] = (out.get("srcc_both", srcc) + out["rank"]) / 2
         self.model.train(was)
         return out
 
@@ -338,9 +263,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--targets", type=Path, help="CSV path,mos: each clip's crop-score target itself (see above)")
     ap.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state term (head mode)")
     ap.add_argument("--low-rate-share", type=float, default=0.0, help="share of batches presented at 8 kHz (head mode)")
-    ap.add_argument("--rank-weight", type=float, default=0.0,
-                    help="weight of the worse-copy ranking term (head mode, see above)")
-    ap.add_argument("--rank-margin", type=float, default=0.05, help="MOS the worse copy should lose (see above)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -352,8 +274,6 @@ def main(argv: list[str] | None = None) -> None:
     teacher = load_model(args.teacher, device="cpu")
     if args.score_shift and args.targets:
         raise SystemExit("error: give --score-shift or --targets, not both")
-    if args.rank_weight < 0 or args.rank_margin <= 0:
-        raise SystemExit("error: --rank-weight must be >= 0 and --rank-margin > 0")
     if not 0 <= args.low_rate_share <= 1:
         raise SystemExit("error: --low-rate-share must be between 0 and 1")
     shift = None
@@ -370,13 +290,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --head-layers must be 1-{most} (the teacher has {teacher.cfg.layers})")
     student = prune(teacher, widths, args.head_layers)
     task = ShrinkTask(teacher, student, args.corpus, args.batch_size, args.valid_clips, shift, args.hidden_weight,
-                      absolute=args.targets is not None, low_share=args.low_rate_share, rank_weight=args.rank_weight,
-                      rank_margin=args.rank_margin)
+                      absolute=args.targets is not None, low_share=args.low_rate_share)
     cfg = TrainConfig(out_dir=str(args.out), max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=min(50, args.steps // 10), ckpt_every=args.ckpt_every, device="cpu")
-    metric = "srcc_rank" if args.rank_weight else "srcc_both" if args.low_rate_share else "srcc"
     summary = fit(task, cfg, {"script": "shrink_spec", **{k: str(v) for k, v in vars(args).items()}},
-                  resume=args.resume, select_metric=metric)
+                  resume=args.resume, select_metric="srcc_both" if args.low_rate_share else "srcc")
     print(json.dumps(summary, indent=1, default=str))
     release(args, teacher)
 
