@@ -94,9 +94,8 @@ def severity(rows: list[dict], scores: dict[str, list[float]]) -> dict:
     """{judge: {"all": share, type: share, "source:" + source: share}} over same-utterance pairs."""
     pairs = severity_pairs(rows, "utt_id")
     by_type = defaultdict(list)
-    for p in pairs:
+    for p in pairs:  # "source:..." sorts after every type name, so the tables list the types first
         by_type[p[2]].append(p)
-    for p in pairs:  # after the types, so the tables list them first
         by_type["source:" + rows[p[0]].get("source", "?")].append(p)
 
     def share(ps, s):
@@ -152,7 +151,7 @@ def print_tables(res: dict) -> None:
     print(f"| severity order, all {sev[judges[0]]['pairs']} pairs | " + " | ".join(f"{sev[j]['all']:.3f}" for j in judges) + " |")
     types = [k for k in sev[judges[0]] if k not in ("all", "pairs")]
     for t in types:
-        label = f"{t[7:]} voices only" if t.startswith("source:") else t
+        label = f"{t.removeprefix('source:')} voices only" if t.startswith("source:") else t
         print(f"| severity order, {label} | " + " | ".join(f"{sev[j][t]:.3f}" for j in judges) + " |")
     for r, a in res["agreement"].items():
         cells = [f"{a[j]['srcc']:.3f} / {a[j]['mad']:.2f}" if j in a else "1 / 0" if j == "distillmos" else "–"
