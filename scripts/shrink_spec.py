@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--valid-clips", type=int, default=48)
     ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the data order and which batches go to 8 kHz")
     ap.add_argument("--model-version", default="1.0.0")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
@@ -292,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     task = ShrinkTask(teacher, student, args.corpus, args.batch_size, args.valid_clips, shift, args.hidden_weight,
                       absolute=args.targets is not None, low_share=args.low_rate_share)
     cfg = TrainConfig(out_dir=str(args.out), max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      warmup_steps=min(50, args.steps // 10), ckpt_every=args.ckpt_every, device="cpu")
+                      warmup_steps=min(50, args.steps // 10), ckpt_every=args.ckpt_every, device="cpu",
+                      seed=args.seed)
     summary = fit(task, cfg, {"script": "shrink_spec", **{k: str(v) for k, v in vars(args).items()}},
                   resume=args.resume, select_metric="srcc_both" if args.low_rate_share else "srcc")
     print(json.dumps(summary, indent=1, default=str))

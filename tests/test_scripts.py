@@ -118,6 +118,26 @@ def test_shrink_spec_trains_resumes_and_writes_a_model_utmos_scores(tmp_path):
     assert all(1 <= float(r["mos"]) <= 5 for r in rows if not r["error"])
 
 
+def test_shrink_spec_seed_changes_the_run_and_the_same_seed_repeats_it(tmp_path):
+    from safetensors.torch import load_file
+
+    from msr_utmos_cli.testing import random_model
+
+    shrink = _load_script("shrink_spec")
+    teacher = random_model(tmp_path / "t", preset="tiny-spec")
+    corpus = _shrink_corpus(tmp_path / "corpus")
+
+    def weights(name, seed):
+        shrink.main(["--teacher", str(teacher), "--corpus", str(corpus), "--out", str(tmp_path / name), "--widths",
+                     "8,8,8,8,8,16", "--batch-size", "2", "--ckpt-every", "2", "--valid-clips", "3", "--steps", "2",
+                     "--seed", str(seed)])
+        return load_file(tmp_path / name / "model" / "model.safetensors")
+
+    a, again, b = weights("a", 0), weights("again", 0), weights("b", 1)
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_shrink_spec_head_mode_keeps_spaced_layers_and_trains_only_them(tmp_path):
     from msr_utmos_cli import load_model
     from msr_utmos_cli.checkpoint import save_model
