@@ -8,9 +8,10 @@ that no training clip has, each utterance clean and along full severity ladders 
 never trained on), stored at one of 16 / 24 / 44.1 / 48 kHz. For the model and its peers on the same clips:
 
 1. Severity order: pairs of the same utterance and degradation type (clean = severity 0) ranked the
-   right way round (more severe -> lower; a tie counts half), overall, per type and per source: the
-   recorded human speech (klettres-data words) apart from each synthesiser (espeak-ng, festival, flite),
-   because a judge can be right about people and wrong about formant synthesis, or the reverse.
+   right way round (more severe -> lower; a tie counts half), overall (with a 95 % interval from drawing
+   the utterances again), per type and per source: the recorded human speech (klettres-data words)
+   apart from each synthesiser (espeak-ng, festival, flite), because a judge can be right about people
+   and wrong about formant synthesis, or the reverse.
 2. Agreement with DistillMOS (at 16 kHz, its own rate): SRCC and mean absolute difference with each
    clip at its own rate and presented at each of --rates (band-limited resampling from the file; ''
    for none, a quick run of the whole split), and per language. With the distillmos peer, DistillMOS
@@ -101,8 +102,27 @@ def severity(rows: list[dict], scores: dict[str, list[float]]) -> dict:
     def share(ps, s):
         return statistics.fmean(1.0 if s[a] > s[b] else 0.5 if s[a] == s[b] else 0.0 for a, b, _ in ps)
 
-    return {j: {"all": share(pairs, s), "pairs": len(pairs), **{k: share(v, s) for k, v in sorted(by_type.items())}}
+    return {j: {"all": share(pairs, s), "all_ci95": order_ci(rows, pairs, s), "pairs": len(pairs),
+                **{k: share(v, s) for k, v in sorted(by_type.items())}}
             for j, s in scores.items()}
+
+
+def order_ci(rows: list[dict], pairs: list, s: list[float], draws: int = 2000) -> list[float]:
+    """95 % interval of the overall order when the utterances are drawn again (with replacement).
+
+    The pairs of one utterance are not independent (one odd clean clip flips several), so the
+    utterance, not the pair, is the unit; a gap between two models smaller than this interval's
+    half-width is not evidence that one orders better."""
+    utts = sorted({rows[a]["utt_id"] for a, _, _ in pairs})
+    where = {u: i for i, u in enumerate(utts)}
+    right, count = np.zeros(len(utts)), np.zeros(len(utts))
+    for a, b, _ in pairs:
+        i = where[rows[a]["utt_id"]]
+        right[i] += 1.0 if s[a] > s[b] else 0.5 if s[a] == s[b] else 0.0
+        count[i] += 1
+    draw = np.random.default_rng(0).integers(0, len(utts), size=(draws, len(utts)))  # (draws, U)
+    shares = right[draw].sum(1) / count[draw].sum(1)
+    return [float(q) for q in np.percentile(shares, [2.5, 97.5])]
 
 
 def by_language(rows: list[dict], student: list[float], teacher: list[float]) -> dict:
@@ -149,7 +169,9 @@ def print_tables(res: dict) -> None:
     print("|---|" + "---|" * len(judges))
     sev = res["severity"]
     print(f"| severity order, all {sev[judges[0]]['pairs']} pairs | " + " | ".join(f"{sev[j]['all']:.3f}" for j in judges) + " |")
-    types = [k for k in sev[judges[0]] if k not in ("all", "pairs")]
+    print("| the same, 95 % interval over utterances | "
+          + " | ".join(f"{sev[j]['all_ci95'][0]:.3f}–{sev[j]['all_ci95'][1]:.3f}" for j in judges) + " |")
+    types = [k for k in sev[judges[0]] if k not in ("all", "all_ci95", "pairs")]
     for t in types:
         label = f"{t.removeprefix('source:')} voices only" if t.startswith("source:") else t
         print(f"| severity order, {label} | " + " | ".join(f"{sev[j][t]:.3f}" for j in judges) + " |")

@@ -67,6 +67,9 @@ def test_severity_counts_pairs_the_right_way_round():
     out = eh.severity(rows, {"people_only": good + bad})  # right on the recorded voice, wrong on the synthetic
     assert out["people_only"]["source:people"] == 1.0 and out["people_only"]["source:robot"] == 0.0
     assert out["people_only"]["all"] == 0.5 and out["people_only"]["pairs"] == 6
+    # the interval draws utterances: one judge right on both is sure; one right on one of two could be 0 or 1
+    assert eh.severity(rows, {"good": good + good})["good"]["all_ci95"] == [1.0, 1.0]
+    assert out["people_only"]["all_ci95"] == [0.0, 1.0]
 
 
 def test_level_and_silence_see_a_judge_that_hears_level_or_padding():
