@@ -107,18 +107,24 @@ def severity(rows: list[dict], scores: dict[str, list[float]]) -> dict:
             for j, s in scores.items()}
 
 
-def order_ci(rows: list[dict], pairs: list, s: list[float], draws: int = 2000) -> list[float]:
-    """95 % interval of the overall order when the utterances are drawn again (with replacement).
+def order_ci(rows: list[dict], pairs: list, s: list[float], base: list[float] | None = None,
+             draws: int = 2000) -> list[float]:
+    """95 % interval of the overall order (or, with `base`, of s's order minus base's on the same
+    pairs) when the utterances are drawn again (with replacement).
 
     The pairs of one utterance are not independent (one odd clean clip flips several), so the
-    utterance, not the pair, is the unit; a gap between two models smaller than this interval's
-    half-width is not evidence that one orders better."""
+    utterance, not the pair, is the unit. It covers which utterances were drawn, not how training
+    went: two seeds of one recipe can differ by more than a paired interval allows."""
     utts = sorted({rows[a]["utt_id"] for a, _, _ in pairs})
     where = {u: i for i, u in enumerate(utts)}
     right, count = np.zeros(len(utts)), np.zeros(len(utts))
+
+    def credit(v, a, b):
+        return 1.0 if v[a] > v[b] else 0.5 if v[a] == v[b] else 0.0
+
     for a, b, _ in pairs:
         i = where[rows[a]["utt_id"]]
-        right[i] += 1.0 if s[a] > s[b] else 0.5 if s[a] == s[b] else 0.0
+        right[i] += credit(s, a, b) - (credit(base, a, b) if base is not None else 0.0)
         count[i] += 1
     draw = np.random.default_rng(0).integers(0, len(utts), size=(draws, len(utts)))  # (draws, U)
     shares = right[draw].sum(1) / count[draw].sum(1)

@@ -125,3 +125,40 @@ def test_with_the_distillmos_peer_the_8k_row_has_distillmos_hearing_8k(corpus, t
     agree = json.loads(out.read_text())["agreement"]
     assert agree["8000"]["distillmos"]["srcc"] == pytest.approx(-1.0)
     assert "distillmos" not in agree["16000"]  # at 16 kHz and above it hears what it hears at the file's rate
+
+
+def test_compare_heldout_pairs_the_runs_and_sees_a_gap_only_where_one_is(tmp_path, capsys, monkeypatch):
+    import compare_heldout as ch
+
+    manifest = tmp_path / "manifest.csv"
+    ladder = [("clean", 0), ("noise", 1), ("noise", 2)]
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "utt_id", "source"])
+        for u in range(4):
+            for d, s in ladder:
+                w.writerow([f"{u}_{d}{s}.flac", f"u{u}", "people" if u < 2 else "robot"])
+
+    def run(scores):
+        return {"model": "m", "clips": [{"path": f"{u}_{d}{s}.flac", "degradation": d, "severity": s, "model": m,
+                                         "distillmos": 5.0 - s + 0.01 * u}
+                                        for u in range(4) for (d, s), m in zip(ladder, scores[u])]}
+
+    right, wrong = [4.0, 3.0, 2.0], [2.0, 3.0, 4.0]
+    new, old = run([right] * 4), run([right, right, wrong, right])  # old reverses one robot utterance
+    res = ch.compare(new, old, manifest)
+    assert res["order"]["all"] == (1.0, 0.75) and res["order"]["source:people"] == (1.0, 1.0)
+    assert res["order"]["source:robot"] == (1.0, 0.5) and res["pairs"] == 12
+    lo, hi = res["gap_ci95"]
+    assert 0.0 <= lo < 0.25 < hi <= 1.0  # the reversed utterance may or may not be drawn again
+    assert res["srcc"][0] > res["srcc"][1]
+    assert ch.compare(new, new, manifest)["gap_ci95"] == [0.0, 0.0]  # a model against itself: no gap at all
+    with pytest.raises(SystemExit, match="different clips"):
+        ch.compare(new, {**old, "clips": old["clips"][:-1]}, manifest)
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    monkeypatch.setattr(sys, "argv", ["compare_heldout.py", str(tmp_path / "new.json"), str(tmp_path / "old.json"),
+                                      "--corpus", str(tmp_path)])
+    ch.main()
+    out = capsys.readouterr().out
+    assert "| all 12 pairs (gap's 95 % interval" in out and "| 1.000 | 0.750 | +0.250 |" in out
