@@ -100,11 +100,16 @@ def severity(rows: list[dict], scores: dict[str, list[float]]) -> dict:
         by_type["source:" + rows[p[0]].get("source", "?")].append(p)
 
     def share(ps, s):
-        return statistics.fmean(1.0 if s[a] > s[b] else 0.5 if s[a] == s[b] else 0.0 for a, b, _ in ps)
+        return statistics.fmean(credit(s, a, b) for a, b, _ in ps)
 
     return {j: {"all": share(pairs, s), "all_ci95": order_ci(rows, pairs, s), "pairs": len(pairs),
                 **{k: share(v, s) for k, v in sorted(by_type.items())}}
             for j, s in scores.items()}
+
+
+def credit(s: list[float], a: int, b: int) -> float:
+    """1 when the less severe clip a scores above b, half for a tie."""
+    return 1.0 if s[a] > s[b] else 0.5 if s[a] == s[b] else 0.0
 
 
 def order_ci(rows: list[dict], pairs: list, s: list[float], base: list[float] | None = None,
@@ -118,10 +123,6 @@ def order_ci(rows: list[dict], pairs: list, s: list[float], base: list[float] | 
     utts = sorted({rows[a]["utt_id"] for a, _, _ in pairs})
     where = {u: i for i, u in enumerate(utts)}
     right, count = np.zeros(len(utts)), np.zeros(len(utts))
-
-    def credit(v, a, b):
-        return 1.0 if v[a] > v[b] else 0.5 if v[a] == v[b] else 0.0
-
     for a, b, _ in pairs:
         i = where[rows[a]["utt_id"]]
         right[i] += credit(s, a, b) - (credit(base, a, b) if base is not None else 0.0)
