@@ -341,3 +341,50 @@ def test_blend_teachers_margin_orders_each_utterances_ladder_and_moves_nothing_e
     moved = target[target["shift"].abs() > 1e-4].path
     assert not any(p.startswith(f"audio/u{u}_") for p in moved for u in range(1, 6))  # ordered ladders stay
     assert set(moved) >= {"audio/u0_0.flac", "audio/u0_pink1.flac"}
+
+
+def test_shrink_spec_per_utterance_batches_fit_each_utterances_differences(tmp_path):
+    shrink = _load_script("shrink_spec")
+    teacher, t_dir, _ = _head_setup(tmp_path)
+    corpus = tmp_path / "grouped"
+    (corpus / "audio").mkdir(parents=True)
+    rows = []
+    for u in range(3):  # three training utterances of three clips each, at mixed rates; one valid pair
+        for k, sr in enumerate((8000, 16000, 24000)):
+            path = f"audio/u{u}_{k}.flac"
+            sf.write(corpus / path, speechlike(sr, 1.0, seed=10 * u + k) * (1 - 0.2 * k), sr)
+            rows.append([path, sr, "train", f"u{u}", "noise" if k else "clean", k])
+    for k, sr in enumerate((16000, 48000)):
+        sf.write(corpus / f"audio/v{k}.flac", speechlike(sr, 1.0, seed=90 + k), sr)
+        rows.append([f"audio/v{k}.flac", sr, "valid", "v", "noise" if k else "clean", k])
+    pd.DataFrame(rows, columns=["path", "sample_rate", "split", "utt_id", "degradation", "severity"]).to_csv(
+        corpus / "manifest.csv", index=False)
+    mos = {r[0]: 1.5 + i // 3 + 0.2 * (2 - r[5]) for i, r in enumerate(rows)}  # utterance u: u + 1.5 to u + 1.9
+    student = shrink.prune(teacher, [16] * 6, head_layers=2)
+    task = shrink.ShrinkTask(teacher, student, corpus, 4, 2, mos, 0.0, absolute=True, per_utt=2, group_weight=1.0)
+    segs, rates, labels, low, group = next(task.batches(0, 1, seed=0, start=0))
+    assert group.tolist() == [0, 0, 1, 1] and len(segs) == 4
+    utts = (labels - 1.5 + 1e-3).floor().int().tolist()
+    assert utts[0] == utts[1] != utts[2] == utts[3]  # each group is two clips of one utterance
+    batch = (segs, rates, labels, torch.tensor(False), group)
+    base_loss, parts = task.loss(batch, 0)
+    per_utt_level = labels + 0.5 * group.float()  # each utterance's targets moved by its own constant
+    _, same = task.loss((segs, rates, per_utt_level, torch.tensor(False), group), 0)
+    assert same["within"] == pytest.approx(parts["within"], abs=1e-6)  # only differences inside an utterance count
+    swapped = labels.clone()
+    swapped[[0, 1]] = labels[[1, 0]] + torch.tensor([0.8, -0.8])  # the first utterance's order reversed
+    _, flipped = task.loss((segs, rates, swapped, torch.tensor(False), group), 0)
+    assert flipped["within"] > parts["within"] + 0.1
+    targets = tmp_path / "targets.csv"
+    pd.DataFrame({"path": list(mos), "mos": list(mos.values())}).to_csv(targets, index=False)
+    run = tmp_path / "run"
+    shrink.main(["--teacher", str(t_dir), "--corpus", str(corpus), "--out", str(run), "--targets", str(targets),
+                 "--per-utterance", "2", "--low-rate-share", "0.5", "--batch-size", "4", "--ckpt-every", "2",
+                 "--valid-clips", "2", "--steps", "2"])
+    assert (run / "model" / "model.safetensors").exists()
+    with pytest.raises(SystemExit, match="a batch needs 4"):
+        shrink.main(["--teacher", str(t_dir), "--corpus", str(corpus), "--out", str(tmp_path / "x"),
+                     "--targets", str(targets), "--per-utterance", "2", "--batch-size", "8", "--steps", "1"])
+    with pytest.raises(SystemExit, match="needs head mode"):
+        shrink.main(["--teacher", str(t_dir), "--corpus", str(corpus), "--out", str(tmp_path / "x"),
+                     "--per-utterance", "2", "--widths", "8,8,8,8,8,16"])
