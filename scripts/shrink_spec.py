@@ -106,18 +106,12 @@ class ShrinkTask:
 
     def __init__(self, teacher: SpecMOSModel, student: SpecMOSModel, corpus: Path, batch_size: int,
                  valid_clips: int, shift: dict[str, float] | None = None, hidden_weight: float = 1.0,
-                 absolute: bool = False, low_share: float = 0.0, per_utt: int = 0, group_weight: float = 1.0):
-        """shift: MOS added to the teacher's crop score per clip, or with `absolute` the clip's target MOS.
-        per_utt: clips of one utterance per batch (0: clips drawn freely, one rate per batch)."""
+                 absolute: bool = False, low_share: float = 0.0):
+        """shift: MOS added to the teacher's crop score per clip, or with `absolute` the clip's target MOS."""
         self.head_mode = student.cfg.layers < teacher.cfg.layers or shift is not None
         if low_share and not self.head_mode:
             raise SystemExit("error: --low-rate-share needs head mode (--head-layers, --score-shift or --targets)")
-        if per_utt and not self.head_mode:
-            raise SystemExit("error: --per-utterance needs head mode (--head-layers, --score-shift or --targets)")
-        if per_utt and not 2 <= per_utt <= batch_size:
-            raise SystemExit(f"error: --per-utterance must be 2-{batch_size} (the batch size)")
         self.hidden_weight, self.absolute, self.low_share = hidden_weight, absolute, low_share
-        self.per_utt, self.group_weight = per_utt, group_weight
         self.teacher, self.student = teacher.eval(), student
         if self.head_mode:
             student.cnn.requires_grad_(False)
@@ -137,11 +131,6 @@ class ShrinkTask:
         self.by_rate = {sr: g.index.to_numpy() for sr, g in self.train.groupby("sample_rate")}
         self.rates = sorted(self.by_rate)
         self.rate_p = np.array([len(self.by_rate[r]) for r in self.rates], float) / len(self.train)
-        utts = self.train.groupby("utt_id").indices
-        self.by_utt = [idx for _, idx in sorted(utts.items()) if len(idx) >= 2]
-        if per_utt and len(self.by_utt) < batch_size // per_utt:
-            raise SystemExit(f"error: --per-utterance {per_utt}: {len(self.by_utt)} training utterance(s) have 2 or "
-                             f"more clips, a batch needs {batch_size // per_utt}")
         valid = man[man.split == "valid"]
         utts = valid.utt_id.drop_duplicates().sample(frac=1.0, random_state=0)
         sizes = valid.groupby("utt_id").size()[utts]
@@ -178,10 +167,6 @@ class ShrinkTask:
         step = start
         while True:
             rng = np.random.default_rng([seed, rank, step])
-            if self.per_utt:
-                yield self._utterance_batch(rng)
-                step += 1
-                continue
             sr = self.rates[rng.choice(len(self.rates), p=self.rate_p)]
             idx = rng.choice(self.by_rate[sr], size=self.batch_size)
             segs = [self.segment(int(i), rng) for i in idx]
@@ -190,47 +175,7 @@ class ShrinkTask:
                    torch.tensor(low))
             step += 1
 
-    def _utterance_batch(self, rng: np.random.Generator) -> tuple:
-        """batch_size // per_utt utterances, per_utt of each one's clips (each at its own rate), and the
-        utterance each clip is of."""
-        idx, group = [], []
-        for g, u in enumerate(rng.choice(len(self.by_utt), size=self.batch_size // self.per_utt, replace=False)):
-            clips = self.by_utt[u]
-            idx += [int(i) for i in rng.choice(clips, size=min(self.per_utt, len(clips)), replace=False)]
-            group += [g] * min(self.per_utt, len(clips))
-        segs = [torch.from_numpy(self.segment(i, rng)) for i in idx]
-        rates = [int(self.train.sample_rate[i]) for i in idx]
-        low = bool(self.low_share) and rng.random() < self.low_share
-        return segs, torch.tensor(rates), torch.from_numpy(self.train_shift[idx]), torch.tensor(low), torch.tensor(group)
-
-    def _group_loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """--per-utterance: the clips' scores fitted to their targets, plus (group_weight) each utterance's
-        scores with its mean taken off fitted to its targets with theirs taken off: within one utterance
-        only the differences count, so the targets' severity order weighs more than the level across voices."""
-        segs, rates, shift, low, group = batch
-        with torch.no_grad():
-            views = []
-            for x, sr in zip(segs, rates.tolist()):  # (T_i,) at its own rate -> (1, N, C): the CNN is rate-free
-                x = x[None]
-                if low and sr > LOW_RATE:
-                    x = resample(x, sr, LOW_RATE)
-                    x, sr = x / (x.abs().amax(dim=1, keepdim=True) + 1e-8), LOW_RATE
-                views.append(self.student.cnn(sfi_stft(x, sr, 2 * self.student.cfg.crop_frames, self.student.cfg)))
-            feats = torch.cat(views)  # (B, N, C)
-            hidden_t, score_t = self.teacher.transformer_pool_attn.hidden_and_score(feats)
-            target = ((shift.to(feats) - 1) / 4).clamp(0, 1) if self.absolute else (score_t + shift.to(score_t) / 4).clamp(0, 1)
-        hidden, score = self.student.transformer_pool_attn.hidden_and_score(feats)
-        mse = torch.nn.functional.mse_loss
-        one_hot = torch.nn.functional.one_hot(group).to(score)  # (B, G)
-        centre = lambda v: v - one_hot @ ((one_hot.T @ v) / one_hot.sum(0))  # noqa: E731  (B,) minus its group's mean
-        level = mse(4 * (score - score.mean()), 4 * (target - target.mean())) if low else mse(4 * score, 4 * target)
-        within = mse(4 * centre(score), 4 * centre(target))
-        return (self.hidden_weight * mse(hidden, hidden_t) + level + self.group_weight * within,
-                {"within": within.item()})
-
     def loss(self, batch, step: int):
-        if self.per_utt:
-            return self._group_loss(batch)
         x, sr, shift, low = batch
         if self.head_mode:
             with torch.no_grad():
@@ -264,7 +209,7 @@ class ShrinkTask:
         return feats, *self.teacher.transformer_pool_attn.hidden_and_score(feats)
 
     def audio_seconds(self, batch) -> float:
-        return (self.student.cfg.crop_s if self.head_mode else SEG_S) * len(batch[0])
+        return (self.student.cfg.crop_s if self.head_mode else SEG_S) * batch[0].shape[0]
 
     def _scores(self, model: SpecMOSModel, rate: int | None = None) -> np.ndarray:
         """Scores of the validation clips (at `rate` where given and lower than the file's); NaN where
@@ -318,9 +263,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--targets", type=Path, help="CSV path,mos: each clip's crop-score target itself (see above)")
     ap.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state term (head mode)")
     ap.add_argument("--low-rate-share", type=float, default=0.0, help="share of batches presented at 8 kHz (head mode)")
-    ap.add_argument("--per-utterance", type=int, default=0,
-                    help="draw this many clips of each utterance per batch and fit their differences too (head mode)")
-    ap.add_argument("--group-weight", type=float, default=1.0, help="weight of the within-utterance term")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -349,8 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --head-layers must be 1-{most} (the teacher has {teacher.cfg.layers})")
     student = prune(teacher, widths, args.head_layers)
     task = ShrinkTask(teacher, student, args.corpus, args.batch_size, args.valid_clips, shift, args.hidden_weight,
-                      absolute=args.targets is not None, low_share=args.low_rate_share,
-                      per_utt=args.per_utterance, group_weight=args.group_weight)
+                      absolute=args.targets is not None, low_share=args.low_rate_share)
     cfg = TrainConfig(out_dir=str(args.out), max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=min(50, args.steps // 10), ckpt_every=args.ckpt_every, device="cpu",
                       seed=args.seed)
