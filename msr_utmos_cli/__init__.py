@@ -5,7 +5,7 @@
     mos = model.score(wave, sr)           # (T,), (B, T) or (T, C) at any rate from 8 to 192 kHz -> (B,)
     rows = model.score_files(paths)       # one Row (path, sample_rate, duration_s, mos, error, bandwidth_hz) per file
 """
-__version__ = "0.10.0"
+__version__ = "0.11.0"
 
 _LAZY = {  # imported on first use, so `utmos report` does not pay for importing torch
     "load_model": "checkpoint", "save_model": "checkpoint", "available_models": "checkpoint",
