@@ -106,18 +106,16 @@ class ShrinkTask:
 
     def __init__(self, teacher: SpecMOSModel, student: SpecMOSModel, corpus: Path, batch_size: int,
                  valid_clips: int, shift: dict[str, float] | None = None, hidden_weight: float = 1.0,
-                 absolute: bool = False, low_share: float = 0.0, train_cnn: bool = False):
+                 absolute: bool = False, low_share: float = 0.0):
         """shift: MOS added to the teacher's crop score per clip, or with `absolute` the clip's target MOS."""
         self.head_mode = student.cfg.layers < teacher.cfg.layers or shift is not None
         if low_share and not self.head_mode:
             raise SystemExit("error: --low-rate-share needs head mode (--head-layers, --score-shift or --targets)")
-        self.hidden_weight, self.absolute, self.low_share, self.train_cnn = hidden_weight, absolute, low_share, train_cnn
+        self.hidden_weight, self.absolute, self.low_share = hidden_weight, absolute, low_share
         self.teacher, self.student = teacher.eval(), student
         if self.head_mode:
             student.cnn.requires_grad_(False)
             self.model = student.transformer_pool_attn.transformer.transformer_encoder.requires_grad_(True)
-            if train_cnn:  # the CNN learns too; the teacher's own copy stays the reference
-                self.model = torch.nn.ModuleList([student.cnn.requires_grad_(True), self.model])
         else:
             self.model = student.cnn
         self.norm = teacher.transformer_pool_attn.norm_input  # fixed affine in eval mode
@@ -184,15 +182,13 @@ class ShrinkTask:
                 if self.absolute:  # the head's score is (MOS - 1) / 4
                     target = ((shift.to(x) - 1) / 4).clamp(0, 1)
                 else:  # the teacher's full-band crop score, shifted
-                    spec, feats, hidden_t, score_t = self._teacher_view(x, int(sr))
+                    feats, hidden_t, score_t = self._teacher_view(x, int(sr))
                     target = (score_t + shift.to(score_t) / 4).clamp(0, 1)
                 if low:  # (B, T) at sr -> (B, T') at 8 kHz, each row peak-normalised as scoring does
                     x8 = resample(x, int(sr), LOW_RATE)
-                    spec, feats, hidden_t, _ = self._teacher_view(x8 / (x8.abs().amax(dim=1, keepdim=True) + 1e-8), LOW_RATE)
+                    feats, hidden_t, _ = self._teacher_view(x8 / (x8.abs().amax(dim=1, keepdim=True) + 1e-8), LOW_RATE)
                 elif self.absolute:
-                    spec, feats, hidden_t, _ = self._teacher_view(x, int(sr))
-            if self.train_cnn:
-                feats = self.student.cnn(spec)
+                    feats, hidden_t, _ = self._teacher_view(x, int(sr))
             hidden, score = self.student.transformer_pool_attn.hidden_and_score(feats)
             mse = torch.nn.functional.mse_loss
             if low:  # ranks, not level: the batch's mean is taken off both sides
@@ -206,12 +202,11 @@ class ShrinkTask:
         loss = torch.nn.functional.mse_loss(out[..., EDGE:-EDGE], target[..., EDGE:-EDGE])
         return loss, {}
 
-    def _teacher_view(self, x: torch.Tensor, sr: int) -> tuple[torch.Tensor, ...]:
-        """Head mode: the STFT of whole crops, the teacher CNN's features and the teacher's reading of them:
-        (B, T) -> (B, 2, K, M), (B, N, C), its normed last hidden states (B, N, D) and crop scores (B,) in [0, 1]."""
-        spec = sfi_stft(x, sr, 2 * self.student.cfg.crop_frames, self.student.cfg)
-        feats = self.teacher.cnn(spec)
-        return spec, feats, *self.teacher.transformer_pool_attn.hidden_and_score(feats)
+    def _teacher_view(self, x: torch.Tensor, sr: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Head mode: the shared frozen CNN's features of whole crops and the teacher's reading of them:
+        (B, T) -> (B, N, C), its normed last hidden states (B, N, D) and crop scores (B,) in [0, 1]."""
+        feats = self.student.cnn(sfi_stft(x, sr, 2 * self.student.cfg.crop_frames, self.student.cfg))
+        return feats, *self.teacher.transformer_pool_attn.hidden_and_score(feats)
 
     def audio_seconds(self, batch) -> float:
         return (self.student.cfg.crop_s if self.head_mode else SEG_S) * batch[0].shape[0]
@@ -267,7 +262,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--score-shift", type=Path, help="CSV path,shift: MOS added to the teacher's crop scores (see above)")
     ap.add_argument("--targets", type=Path, help="CSV path,mos: each clip's crop-score target itself (see above)")
     ap.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state term (head mode)")
-    ap.add_argument("--train-cnn", action="store_true", help="head mode: train the CNN as well")
     ap.add_argument("--low-rate-share", type=float, default=0.0, help="share of batches presented at 8 kHz (head mode)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=12)
@@ -283,8 +277,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: give --score-shift or --targets, not both")
     if not 0 <= args.low_rate_share <= 1:
         raise SystemExit("error: --low-rate-share must be between 0 and 1")
-    if args.train_cnn and not (args.head_layers or args.score_shift or args.targets):
-        raise SystemExit("error: --train-cnn needs head mode (--head-layers, --score-shift or --targets)")
     shift = None
     if args.score_shift or args.targets:
         table = pd.read_csv(args.score_shift or args.targets)
@@ -299,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --head-layers must be 1-{most} (the teacher has {teacher.cfg.layers})")
     student = prune(teacher, widths, args.head_layers)
     task = ShrinkTask(teacher, student, args.corpus, args.batch_size, args.valid_clips, shift, args.hidden_weight,
-                      absolute=args.targets is not None, low_share=args.low_rate_share, train_cnn=args.train_cnn)
+                      absolute=args.targets is not None, low_share=args.low_rate_share)
     cfg = TrainConfig(out_dir=str(args.out), max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=min(50, args.steps // 10), ckpt_every=args.ckpt_every, device="cpu",
                       seed=args.seed)

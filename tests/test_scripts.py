@@ -226,27 +226,6 @@ def test_shrink_spec_targets_pull_the_head_to_the_labels_themselves(tmp_path):
                      "--targets", str(targets)])
 
 
-def test_shrink_spec_train_cnn_trains_the_cnn_too_and_resumes_it(tmp_path):
-    from msr_utmos_cli import load_model
-
-    shrink = _load_script("shrink_spec")
-    teacher, t_dir, corpus = _head_setup(tmp_path)
-    rows = pd.read_csv(corpus / "manifest.csv")
-    targets = tmp_path / "targets.csv"
-    pd.DataFrame({"path": rows.path, "mos": 1.5 + 0.5 * rows.index}).to_csv(targets, index=False)
-    args = ["--teacher", str(t_dir), "--corpus", str(corpus), "--targets", str(targets), "--train-cnn",
-            "--batch-size", "2", "--ckpt-every", "1", "--valid-clips", "3", "--lr", "0.01"]
-    shrink.main(args + ["--out", str(tmp_path / "run"), "--steps", "3"])
-    shrink.main(args + ["--out", str(tmp_path / "cut"), "--steps", "2"])
-    shrink.main(args + ["--out", str(tmp_path / "cut"), "--steps", "3", "--resume"])
-    whole, cut = (load_model(tmp_path / n / "model", device="cpu") for n in ("run", "cut"))
-    assert not all(torch.equal(a, b) for a, b in zip(whole.cnn.state_dict().values(), teacher.cnn.state_dict().values()))
-    assert whole.metadata["step"] == cut.metadata["step"]
-    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), cut.state_dict().values()))
-    with pytest.raises(SystemExit, match="--train-cnn needs head mode"):
-        shrink.main(["--teacher", str(t_dir), "--corpus", str(corpus), "--out", str(tmp_path / "x"), "--train-cnn"])
-
-
 def test_shrink_spec_low_rate_share_presents_batches_at_8k_and_fits_ranks_not_level(tmp_path):
     import json
 
