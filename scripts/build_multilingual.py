@@ -166,8 +166,12 @@ def plan_utterances(seed: int, max_utts: int | None) -> list[dict]:
             kept.append(u)
     for i, u in enumerate(kept):
         u["utt_id"] = f"{u['voice']}/u{i:05d}"
-    if max_utts:
-        pick = np.random.default_rng([seed, 2]).permutation(len(kept))[:max_utts]
+    if max_utts:  # half of them held out, so even a small build has both splits
+        rng = np.random.default_rng([seed, 2])
+        held = [i for i, u in enumerate(kept) if u["held"]]
+        train = [i for i, u in enumerate(kept) if not u["held"]]
+        n_held = min(len(held), max(1, max_utts // 2))
+        pick = list(rng.permutation(held)[:n_held]) + list(rng.permutation(train)[:max_utts - n_held])
         kept = [kept[i] for i in sorted(pick)]
     return kept
 
@@ -349,7 +353,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("corpus_ml"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-utts", type=int, default=None, help="build only this many utterances (tests)")
+    ap.add_argument("--max-utts", type=int, default=None, help="build only this many utterances, half of them held out (tests)")
     ap.add_argument("--workers", type=int, default=2, help="processes rendering utterances")
     ap.add_argument("--no-install", action="store_true",
                     help="build from what is installed (default: install_corpus_tools.sh --multilingual first)")
