@@ -58,6 +58,9 @@ FESTIVAL = {  # voice -> (language, scheme voice, folder under /usr/share/festiv
 }
 FLITE = ("kal", "slt", "rms", "awb")
 ESPEAK_VARIANTS = ("m1", "m3", "m7", "f2", "f4")
+# More formant voices for the training languages only (one utterance each): a rule that holds across
+# voices, not one learned voice by voice. Never m1, the held-out languages' own variant.
+EXTRA_TRAIN_VARIANTS = ("m2", "m4", "m6", "f1", "f3", "klatt")
 UTTS_PER_VOICE = {"festival": 40, "espeak": 2, "flite": 30, "klettres": 40}
 HELD_UTTS_PER_VOICE = {"festival": 10, "espeak": 2, "flite": 10, "klettres": 14}
 TRAIN_VARIANTS = 3
@@ -157,6 +160,12 @@ def plan_utterances(seed: int, max_utts: int | None) -> list[dict]:
             voice = f"espeak-{lang}+{var}"
             for i in range(UTTS_PER_VOICE["espeak"]):
                 add(voice, "espeak", lang, digits_text(rng), cmd=("espeak", f"{lang}+{var}", str(int(rng.integers(130, 190)))))
+    extra = np.random.default_rng([seed, 3])  # its own stream: everything planned above keeps its draws
+    for lang in espeak_languages():
+        if not held_out_reason("espeak", lang):
+            for var in EXTRA_TRAIN_VARIANTS:
+                add(f"espeak-{lang}+{var}", "espeak", lang, digits_text(extra),
+                    cmd=("espeak", f"{lang}+{var}", str(int(extra.integers(130, 190)))))
     # cap the held-out utterances per voice, so no one voice dominates the held-out numbers
     kept, count = [], {}
     for u in utts:
