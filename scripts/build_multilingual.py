@@ -58,10 +58,6 @@ FESTIVAL = {  # voice -> (language, scheme voice, folder under /usr/share/festiv
 }
 FLITE = ("kal", "slt", "rms", "awb")
 ESPEAK_VARIANTS = ("m1", "m3", "m7", "f2", "f4")
-# More formant voices for the training languages only, one utterance each, rendered clean and along one
-# full severity ladder (as held-out utterances are): many ordered pairs across many voices, so the order
-# can be learned as a rule, not voice by voice. Never m1, the held-out languages' own variant.
-EXTRA_TRAIN_VARIANTS = ("m2", "m4", "m6", "f1", "f3", "klatt")
 UTTS_PER_VOICE = {"festival": 40, "espeak": 2, "flite": 30, "klettres": 40}
 HELD_UTTS_PER_VOICE = {"festival": 10, "espeak": 2, "flite": 10, "klettres": 14}
 TRAIN_VARIANTS = 3
@@ -133,10 +129,10 @@ def plan_utterances(seed: int, max_utts: int | None) -> list[dict]:
     rng = np.random.default_rng([seed, 1])
     utts = []
 
-    def add(voice, kind, lang, text="", files=(), cmd=(), rate=0, ladder=False):
+    def add(voice, kind, lang, text="", files=(), cmd=(), rate=0):
         held = held_out_reason(voice, lang)
         utts.append({"voice": voice, "kind": kind, "language": lang, "text": text, "files": list(files),
-                     "cmd": list(cmd), "rate": rate, "held": held, "ladder": ladder})
+                     "cmd": list(cmd), "rate": rate, "held": held})
 
     for voice, lang, files in klettres_utterances(rng):
         add(voice, "klettres", lang, " ".join(Path(f).stem for f in files), files, rate=44100)
@@ -161,12 +157,6 @@ def plan_utterances(seed: int, max_utts: int | None) -> list[dict]:
             voice = f"espeak-{lang}+{var}"
             for i in range(UTTS_PER_VOICE["espeak"]):
                 add(voice, "espeak", lang, digits_text(rng), cmd=("espeak", f"{lang}+{var}", str(int(rng.integers(130, 190)))))
-    extra = np.random.default_rng([seed, 3])  # its own stream: everything planned above keeps its draws
-    for lang in espeak_languages():
-        if not held_out_reason("espeak", lang):
-            for var in EXTRA_TRAIN_VARIANTS:
-                add(f"espeak-{lang}+{var}", "espeak", lang, digits_text(extra),
-                    cmd=("espeak", f"{lang}+{var}", str(int(extra.integers(130, 190)))), ladder=True)
     # cap the held-out utterances per voice, so no one voice dominates the held-out numbers
     kept, count = [], {}
     for u in utts:
@@ -274,14 +264,6 @@ def plan_clips(u: dict, sr: int, seed: int, codecs: list[str]) -> list[dict]:
         rate = int(rng.choice(HELD_RATES))
         clips = [("heldout", "clean", 0, rate)]
         clips += [("heldout", t, s, rate) for t in ladder_types(u, sr, codecs) for s in (1, 2, 3, 4)]
-    elif u.get("ladder"):  # clean plus every severity of one training recipe, at one rate
-        split = "valid" if rng.random() < 0.04 else "train"
-        sevs: dict[str, list[int]] = {}
-        for kind, sev in train_options(sr, codecs):
-            sevs.setdefault(kind, []).append(sev)
-        kinds = sorted(k for k, v in sevs.items() if len(v) >= 3)
-        kind, rate = kinds[int(rng.integers(len(kinds)))], int(rng.choice(bc.RATES))
-        clips = [(split, "clean", 0, rate)] + [(split, kind, s, rate) for s in sorted(sevs[kind])]
     else:
         split = "valid" if rng.random() < 0.04 else "train"
         opts = train_options(sr, codecs)
